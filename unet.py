@@ -1,0 +1,331 @@
+"""The Stable Diffusion v1 denoiser: a UNet that predicts the noise eps in a 4x64x64 latent.
+
+    eps = UNet(x_t, t, context)    x_t (B, 4, 64, 64), t (B,), context (B, 77, 768) from CLIP
+
+It is the "LDM" UNet of Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion
+Models" (CVPR 2022), built on the ADM UNet of Dhariwal & Nichol, "Diffusion Models Beat GANs on
+Image Synthesis" (2021). The text enters only through cross-attention (attn2): queries from the
+image, keys and values from the prompt. Those attn2 layers are what duge.py reads and edits.
+
+Module names reproduce the official CompVis checkpoint (CompVis/stable-diffusion,
+ldm/modules/diffusionmodules/openaimodel.py and ldm/modules/attention.py), so a CompVis state dict
+loads after stripping "model.diffusion_model.". `diffusers_key_map` renames to diffusers'
+UNet2DConditionModel. The file reads bottom-up: small blocks first, the UNet last.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320               # channels at full resolution; level i has model_channels * channel_mult[i]
+    channel_mult: tuple = (1, 2, 4, 4)      # one entry per resolution level; a 2x downsample between levels
+    num_res_blocks: int = 2                 # ResBlocks per level in the encoder (the decoder has one more)
+    attention_levels: tuple = (0, 1, 2)     # levels with a SpatialTransformer after each ResBlock
+    num_heads: int = 8                      # heads at every level, so dim_head = channels // num_heads
+    context_dim: int = 768                  # width of the text encoder's output
+    norm_groups: int = 32
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in "Attention is all you need"."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                       # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim), cos first like CompVis
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the model dtype: the statistics over a group of
+    32x64x64 values lose too much precision in fp16/bf16."""
+
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep added in between, plus a residual (1x1 conv if widths differ)."""
+
+    def __init__(self, cin, cout, emb_dim, groups):
+        super().__init__()
+        # Sequential indices match the checkpoint: parameter-free SiLU/Dropout keep their slots.
+        self.in_layers = nn.Sequential(GroupNorm32(groups, cin, eps=1e-5), nn.SiLU(),
+                                       nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(GroupNorm32(groups, cout, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
+        nn.init.zeros_(self.out_layers[3].weight)  # as CompVis: a fresh block starts as the identity
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):                                 # x (B, cin, H, W), emb (B, emb_dim)
+        h = self.in_layers(x)                                  # (B, cout, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None]         # the same shift at every pixel
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h                     # (B, cout, H, W)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention. attn1: self-attention over pixels (context None).
+    attn2: queries from the pixels, keys and values from the text, so each pixel reads the prompt.
+
+    `record` lets duge.py read the attention output without patching the forward: set it to a
+    list and every call appends its output (B, N, C) before to_out (with record_probs, an
+    (out, probs) tuple with the softmax probabilities (B, heads, N, T))."""
+
+    def __init__(self, dim, context_dim=None, heads=8):
+        super().__init__()
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.record = None
+        self.record_probs = False
+
+    def forward(self, x, context=None):                    # x (B, N, C), context (B, T, Cc)
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)        # (B, H, N, D)
+        k = rearrange(self.to_k(context), "b t (h d) -> b h t d", h=self.heads)  # (B, H, T, D)
+        v = rearrange(self.to_v(context), "b t (h d) -> b h t d", h=self.heads)  # (B, H, T, D)
+        if self.record is not None and self.record_probs:
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, T)
+            out = probs @ v                                                      # (B, H, N, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(q k^T / sqrt(D)) v, fused
+        out = rearrange(out, "b h n d -> b n (h d)")        # (B, N, C)
+        if self.record is not None:
+            self.record.append((out, probs) if self.record_probs else out)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """A linear layer whose output is gated by GELU of a second half (Shazeer, "GLU variants")."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)                            # exact (erf) GELU
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN transformer layer: self-attention, cross-attention to the text, feed-forward."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, heads=heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads=heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):                         # x (B, N, C), context (B, T, Cc)
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Run a transformer block over the H*W pixels of a feature map, as a residual branch."""
+
+    def __init__(self, channels, heads, context_dim, groups):
+        super().__init__()
+        self.norm = GroupNorm32(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)    # 1x1 convs in v1 (Linear in v2)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)               # as CompVis: starts as the identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context):                         # x (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = rearrange(h, "b c h w -> b (h w) c")           # (B, H*W, C): one token per pixel
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        return self.proj_out(h) + x                        # (B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):                                  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):                                  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """One UNet block: hands the timestep embedding to ResBlocks and the text to transformers."""
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, G = cfg.model_channels, cfg.norm_groups
+        emb_dim = 4 * C
+        self.time_embed = nn.Sequential(nn.Linear(C, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, emb_dim, G)
+
+        def attn(ch):
+            return SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, G)
+
+        # Encoder. For SD v1 (64x64 latent) the 12 input blocks are:
+        #   0       conv_in 4->320                64x64
+        #   1, 2    ResBlock + transformer 320    64x64
+        #   3       Downsample                    32x32
+        #   4, 5    ResBlock + transformer 640    32x32
+        #   6       Downsample                    16x16
+        #   7, 8    ResBlock + transformer 1280   16x16
+        #   9       Downsample                    8x8
+        #   10, 11  ResBlock 1280                 8x8
+        # The output of every input block is kept for the decoder (a "skip").
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, C, 3, padding=1))])
+        skip_channels = [C]
+        ch = C
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * C)]
+                ch = mult * C
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        # Bottleneck at the lowest resolution (8x8 for SD v1), always with attention.
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+
+        # Decoder, the mirror image, each block eating one skip (concatenated after h):
+        #   0, 1    ResBlock 2560->1280                            8x8
+        #   2       ResBlock 2560->1280, Upsample (".1.conv")       8x8 -> 16x16
+        #   3, 4    ResBlock 2560->1280 + transformer              16x16
+        #   5       ResBlock 1920->1280 + transformer, Upsample     16x16 -> 32x32
+        #   6, 7    ResBlock 1920/1280->640 + transformer          32x32
+        #   8       ResBlock 960->640 + transformer, Upsample       32x32 -> 64x64
+        #   9       ResBlock 960->320 + transformer                64x64
+        #   10, 11  ResBlock 640->320 + transformer                64x64
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * C)]
+                ch = mult * C
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(G, ch, eps=1e-5), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)                 # as CompVis: an untrained UNet predicts eps = 0
+        nn.init.zeros_(self.out[2].bias)
+
+    def forward(self, x, t, context):                      # x (B, 4, h, w), context (B, 77, 768)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # int, 0-d or (B,) -> (B,)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4C)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)             # (B, 1280, h/8, w/8) for SD v1
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)                                 # (B, 4, h, w)
+
+    def cross_attentions(self):
+        """Every attn2 (text cross-attention) with its name, in the order forward calls them."""
+        return [(name, m) for name, m in self.named_modules() if name.endswith(".attn2")]
+
+
+def diffusers_key_map(cfg: UNetConfig) -> dict:
+    """Our (CompVis) state-dict key -> diffusers UNet2DConditionModel key, for any config.
+
+    Only block prefixes and the ResBlock internals are renamed; attention internals are identical.
+    diffusers groups by level: down_blocks.i / up_blocks.i hold resnets.j, attentions.j and one
+    down/upsampler; up_blocks.i is level L-1-i."""
+    L, R = len(cfg.channel_mult), cfg.num_res_blocks
+    blocks = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+              "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+              "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+              "middle_block.2": "mid_block.resnets.1"}
+    for i in range(L):
+        for j in range(R):
+            n = 1 + i * (R + 1) + j
+            blocks[f"input_blocks.{n}.0"] = f"down_blocks.{i}.resnets.{j}"
+            if i in cfg.attention_levels:
+                blocks[f"input_blocks.{n}.1"] = f"down_blocks.{i}.attentions.{j}"
+        if i != L - 1:
+            blocks[f"input_blocks.{(i + 1) * (R + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+    for i in range(L):
+        has_attn = (L - 1 - i) in cfg.attention_levels
+        for j in range(R + 1):
+            n = i * (R + 1) + j
+            blocks[f"output_blocks.{n}.0"] = f"up_blocks.{i}.resnets.{j}"
+            if has_attn:
+                blocks[f"output_blocks.{n}.1"] = f"up_blocks.{i}.attentions.{j}"
+        if i != L - 1:
+            blocks[f"output_blocks.{i * (R + 1) + R}.{2 if has_attn else 1}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+    with torch.device("meta"):                             # the key list, without allocating weights
+        keys = list(UNet(cfg).state_dict())
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        k = next(k for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) in blocks)  # longest block prefix
+        module, leaf = ".".join(parts[k:-1]), parts[-1]
+        module = resnet.get(module, module)
+        out[key] = ".".join(p for p in (blocks[".".join(parts[:k])], module, leaf) if p)
+    return out
