@@ -146,6 +146,18 @@ class Tokenizer:
                              f"merges.txt ({len(vocab)} vs {tok.vocab_size} tokens; e.g. {diff})")
         return tok
 
+    def save_folder(self, path):
+        """Write a diffusers/HF tokenizer/ folder that from_folder and transformers' CLIPTokenizer read."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        (path / "merges.txt").write_text(self.merges_text(), encoding="utf-8")
+        special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+        (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        (path / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
+             **special}, indent=2))
+
     def bpe(self, word: str) -> list[int]:
         """Ids of one pre-split word, already mapped to byte symbols."""
         if word in self.cache:

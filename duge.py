@@ -1,0 +1,272 @@
+"""DUGE: Decremental Unlearning without Generalization Erosion, the three losses and one step.
+
+Paper: K. Thakral, T. Glaser, T. Hassner, M. Vatsa, R. Singh, "Continual Unlearning for
+Foundational Text-to-Image Models without Generalization Erosion", arXiv 2503.13769 (2025).
+
+Only the paper's abstract is public. Its three sentences are quoted next to the code below; the
+formulas are THIS PROJECT'S RECONSTRUCTION (see README, "What is reconstructed"). Notation:
+
+    theta     the UNet being unlearned; only its cross-attention key/value projections train
+    phi_0     the ORIGINAL base model, frozen, from before the first unlearning request
+    c*        a prompt naming the target concept, c^a the same prompt with the concept replaced
+              by its anchor ("a painting in the style of van gogh" -> "a painting")
+    A^l       output of the l-th cross-attention layer (attn2), before its output projection
+    x_t       sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise), t ~ U{0..999}
+
+    L = L_U + lambda_pr * L_pr + lambda_reg * R_pr
+
+Requests come one at a time ("decremental steps"); every step starts from the model the previous
+one produced, and the ledger of concepts forgotten so far is replayed in L_U, so an earlier
+concept cannot come back (resurgence) while a new one is removed.
+
+phi_0 differs from theta only in the trainable tensors, so it is never a second UNet: we keep a
+copy of those tensors and run the same module with them swapped in (torch.func.functional_call).
+Peak memory stays near one UNet, where ESD and Concept Ablation hold two.
+
+This file has no file I/O and no CLI: train.py prepares prompts, images and the ledger.
+"""
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+from sample import NUM_TRAIN_TIMESTEPS, add_noise
+
+
+@dataclass
+class DugeConfig:
+    steps: int = 200
+    lr: float = 1e-4          # AdamW on the trainable tensors
+    batch: int = 4            # images per group (anchor / related / memory) in each step
+    lambda_pr: float = 1.0    # weight of the prior-preservation loss L_pr
+    lambda_reg: float = 1.0   # weight of the memory regulariser R_pr
+    gamma: float = 0.0        # optional L2 pull of the trained tensors towards phi_0 (inside R_pr)
+    trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor
+    seed: int = 0
+
+
+# -----------------------------------------------------------------------------------------------
+# What trains, and the frozen original
+
+def trainable_names(unet, which="kv"):
+    """Names of the trained tensors. SD v1: 16 attn2 layers x (to_k, to_v) = 19.2 M parameters.
+    The keys and values are the only place where the prompt enters the UNet, so editing them
+    changes what a prompt means while leaving what the UNet can draw untouched."""
+    parts = {"kv": ("to_k.weight", "to_v.weight"),
+             "attn2": ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")}
+    if which not in parts:
+        raise ValueError(f"unknown trainable set {which!r}: choose 'kv' or 'attn2'")
+    return [f"{name}.{p}" for name, _ in unet.cross_attentions() for p in parts[which]]
+
+
+class Original:
+    """phi_0 as a function: the same UNet module run with the original trainable tensors.
+    `tensors` holds phi_0's values of (at least) the trained tensors, by parameter name."""
+
+    def __init__(self, unet, tensors):
+        self.unet = unet
+        self.tensors = {k: v.detach().clone() for k, v in tensors.items()}  # theta_0 of the trained subset
+
+    @torch.no_grad()
+    def __call__(self, x, t, context):
+        return functional_call(self.unet, self.tensors, (x, t, context))
+
+    @contextmanager
+    def applied(self):
+        """Temporarily put phi_0's tensors into the UNet, e.g. to sample from the original model."""
+        named = dict(self.unet.named_parameters())
+        saved = {k: named[k].detach().clone() for k in self.tensors}
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                named[k].copy_(v)
+        try:
+            yield self.unet
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    named[k].copy_(v)
+
+
+class AttentionRecorder:
+    """Collects A^l of every attn2 layer during one forward (the UNet's `record` hook)."""
+
+    def __init__(self, unet):
+        self.layers = [m for _, m in unet.cross_attentions()]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.record = []
+        return self
+
+    def __exit__(self, *exc):
+        self.outputs = [m.record[0] for m in self.layers]  # one forward -> one output per layer, (B, N, C)
+        for m in self.layers:
+            m.record = None
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts: anchors and related concepts
+
+CONNECTORS = r"(?:in the style of|(?:painted |drawn )?by|of)"
+
+
+def anchor_prompt(prompt, concept, anchor=""):
+    """The prompt with the concept replaced by its anchor. With the empty anchor the concept is
+    removed and the words left dangling go with it: "a painting in the style of van gogh" ->
+    "a painting", "a van gogh painting of a star" -> "a painting of a star", "a photo of a star"
+    -> "a photo", "a star by monet" (concept star) -> "by monet"."""
+    out = re.sub(r"\b" + re.escape(concept) + r"\b", anchor, prompt, flags=re.IGNORECASE)
+    out = " ".join(out.split())
+    while True:  # drop an article or connector left at the end, or an article before a connector
+        new = re.sub(rf"(?:\s*,)?\s*(?:\ban?|{CONNECTORS})\s*$", "", out)
+        new = re.sub(rf"\ban?\s+(?={CONNECTORS}\b|,)", "", new).strip(" ,")
+        if new == out:
+            break
+        out = new
+    # a / an agree with the word that now follows them
+    return re.sub(r"\b(an?)\s+(\w)", lambda m: ("an " if m.group(2) in "aeiouAEIOU" else "a ") + m.group(2), out)
+
+
+def eot_embedding(context, tokens, eot_id):
+    """The text encoder's summary of a prompt: the hidden state at its first end-of-text token
+    (what CLIP projects to its joint space). context (B, 77, D), tokens (B, 77) -> (B, D)."""
+    first = (tokens == eot_id).int().argmax(dim=1)
+    return context[torch.arange(len(context)), first]
+
+
+def related_concepts(embed, concept, candidates, k, template="{}"):
+    """The k candidates nearest to the concept by cosine similarity of the model's own text
+    embeddings. embed(list of prompts) -> (N, D). These are the concepts most at risk of being
+    forgotten along with the target, so L_pr protects them explicitly."""
+    others = [c for c in candidates if c.lower() != concept.lower()]
+    if not others or k <= 0:
+        return []
+    e = F.normalize(embed([template.format(c) for c in [concept] + others]).float(), dim=-1)
+    sims = e[1:] @ e[0]
+    return [others[i] for i in sims.argsort(descending=True)[:k].tolist()]
+
+
+# -----------------------------------------------------------------------------------------------
+# The three losses. Each takes UNet outputs already computed in the two batched calls of
+# `losses` below, so each reads as its formula.
+
+def cross_attention_loss(attn_theta, attn_phi0, eps_theta, eps_phi0):
+    """Abstract: "a cross-attention loss that steers the focus towards images devoid of the
+    target concept".
+
+        L_U = mean_l || A^l_theta(x_t, t, c*) - sg A^l_phi0(x_t, t, c^a) ||^2
+              + || eps_theta(x_t, t, c*) - sg eps_phi0(x_t, t, c^a) ||^2,     x_0 in X^a
+
+    On images without the concept (X^a, drawn by phi_0 from anchor prompts), the target prompt
+    is made to attend, and to denoise, exactly as the anchor prompt does under the original
+    model. The second term (as in Concept Ablation, Kumari et al. 2023) ties the final output too.
+    """
+    attn = torch.stack([F.mse_loss(a, b) for a, b in zip(attn_theta, attn_phi0)]).mean()
+    return attn + F.mse_loss(eps_theta, eps_phi0)
+
+
+def prior_preservation_loss(eps_theta, noise):
+    """Abstract: "a prior-preservation loss that safeguards knowledge related to non-target
+    concepts".
+
+        L_pr = || eps_theta(x_t, t, c^r) - eps ||^2,      x_0 in X^r (and X^a with c^a)
+
+    The plain diffusion loss on images of the related concepts (the nearest ones, which erode
+    first) and of the anchor, as DreamBooth's prior preservation (Ruiz et al. 2023)."""
+    return F.mse_loss(eps_theta, noise)
+
+
+def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=0.0):
+    """Abstract: "a regularization loss that prevents the model from suffering from
+    generalization erosion".
+
+        R_pr = || eps_theta(x_t, t, c_m) - sg eps_phi0(x_t, t, c_m) ||^2  (+ gamma ||theta - theta_0||^2),
+               c_m in the memory M (retained prompts of every step so far + generic prompts)
+
+    Distilling towards the ORIGINAL model, not the previous step's, is what stops erosion from
+    piling up: each step is pulled back to phi_0 on everything that must be kept, so the errors
+    of steps 1..k-1 are corrected rather than inherited."""
+    loss = F.mse_loss(eps_theta, eps_phi0)
+    if gamma > 0:
+        loss = loss + gamma * sum(((p - original[n]) ** 2).sum() for n, p in trained.items())
+    return loss
+
+
+def losses(unet, phi0, params, batch, cfg, generator):
+    """All three losses from two UNet calls: one of theta on every group (with attn2 recorded),
+    one of phi_0 on the groups it supervises.
+
+    batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r
+    (related images, anchor images included, with their prompts), x_m, c_m (memory)."""
+    x_a, x_r, x_m = batch["x_a"], batch["x_r"], batch["x_m"]
+    na, nr = len(x_a), len(x_r)
+    x0 = torch.cat([x_a, x_r, x_m])
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator).to(x0.device)
+    xt = add_noise(x0, noise, t)                                                  # (Na+Nr+Nm, 4, h, w)
+
+    with AttentionRecorder(unet) as rec_theta:
+        eps_theta = unet(xt, t, torch.cat([batch["c_target"], batch["c_r"], batch["c_m"]]))
+    keep = torch.cat([torch.arange(na), torch.arange(na + nr, len(x0))]).to(x0.device)
+    with AttentionRecorder(unet) as rec_phi0:
+        eps_phi0 = phi0(xt[keep], t[keep], torch.cat([batch["c_anchor"], batch["c_m"]]))
+
+    l_u = cross_attention_loss([a[:na] for a in rec_theta.outputs], [a[:na] for a in rec_phi0.outputs],
+                               eps_theta[:na], eps_phi0[:na])
+    l_pr = prior_preservation_loss(eps_theta[na:na + nr], noise[na:na + nr])
+    r_pr = regularization_loss(eps_theta[na + nr:], eps_phi0[na:], params, phi0.tensors, cfg.gamma)
+    total = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr
+    return total, {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
+
+
+# -----------------------------------------------------------------------------------------------
+# One decremental step
+
+def draw(data, n, generator):
+    """n random rows of every tensor in a group, e.g. {"x": latents, "c": contexts}."""
+    idx = torch.randint(0, len(next(iter(data.values()))), (n,), generator=generator)
+    return {k: v[idx.to(v.device)] for k, v in data.items()}
+
+
+def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, optimizer_state=None,
+            on_step=None):
+    """Train theta for cfg.steps on the three losses. `data` holds precomputed latents and text
+    contexts (the text encoder is frozen, so prompts are encoded once):
+        data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"] = {"x", "c"},
+        data["memory"] = {"x", "c"}.
+    Returns per-step loss history. `on_step(step, logs, optimizer)` may save a resume point."""
+    names = trainable_names(unet, cfg.trainable)
+    named = dict(unet.named_parameters())
+    unet.requires_grad_(False)
+    params = {n: named[n] for n in names}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    g = torch.Generator().manual_seed(cfg.seed + start_step)
+    history = []
+    bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress)
+    for step in bar:
+        a = draw(data["anchor"], cfg.batch, g)
+        r = draw(data["related"], cfg.batch, g)
+        m = draw(data["memory"], cfg.batch, g)
+        batch = {"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
+                 "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}
+        loss, logs = losses(unet, phi0, params, batch, cfg, g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step} ({logs}); "
+                                     "lower --lr or use --dtype fp32")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(logs)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if on_step is not None:
+            on_step(step, logs, opt)
+    unet.requires_grad_(False)
+    return history

@@ -1,0 +1,139 @@
+"""Measuring unlearning in the toy world: what the model still draws, scored by the toy classifier.
+
+    python evaluate.py --weights out/forget-van-gogh.safetensors      # table of every concept
+
+For every concept of the evaluation set (each style, shape and colour of toyworld.py) we draw
+images from fixed prompts and seeds and ask the classifier whether the concept is in them:
+  - forget accuracy FA: on the concepts in the ledger (UA = 1 - FA; lower FA is better);
+  - retained accuracy, in-domain: the other concepts of the same kind as a forgotten one
+    (the other styles when a style was forgotten), which erode first;
+  - retained accuracy, cross-domain: concepts of the other kinds;
+  - erosion: the drop of retained accuracy from the base model.
+This follows the paper's protocol (fixed prompts, seeds `seed + index`, a classifier's top-1)
+with the toy classifier in place of ResNet-50.
+"""
+import argparse
+import csv
+import io
+import os
+import sys
+
+import torch
+
+import checkpoint
+import classifier
+import sample
+import toyworld
+
+EVAL_STEPS, EVAL_GUIDANCE = 20, None  # guidance None: the checkpoint's own default
+
+
+def eval_prompts(concept, n):
+    """n fixed prompts naming the concept, cycling through the other attributes, and the
+    classifier head that must recognise it."""
+    kind = toyworld.concept_kind(concept)
+    out = []
+    for i in range(n):
+        shape = toyworld.SHAPES[i % len(toyworld.SHAPES)]
+        colour = toyworld.COLOURS[(i * 3) % len(toyworld.COLOURS)]
+        if kind == "style":
+            out.append(f"a {colour} {shape} in the style of {concept}")
+        elif kind == "object":
+            out.append(f"a {colour} {concept}")
+        else:
+            out.append(f"a {concept} {shape}")
+    head = {"style": "style", "object": "shape", "colour": "colour"}[kind]
+    return [toyworld._articles(p) for p in out], head
+
+
+def concepts():
+    return toyworld.STYLES + toyworld.SHAPES + toyworld.COLOURS
+
+
+@torch.no_grad()
+def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=64):
+    """concept -> fraction of its n images in which the classifier finds it."""
+    names = names or concepts()
+    clf = classifier.load_classifier()
+    guidance = model.guidance if guidance is None else guidance
+    prompts, heads = [], []
+    for c in names:
+        p, h = eval_prompts(c, n)
+        prompts += p
+        heads += [h] * n
+    hits = []
+    for i in range(0, len(prompts), batch):
+        images = sample.generate(model, prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i)
+        pred = classifier.classify(images * 2 - 1, clf)  # generate gives [0, 1], the classifier [-1, 1]
+        hits += [pred[h][j] == names[(i + j) // n] for j, h in enumerate(heads[i:i + batch])]
+    return {c: sum(hits[k * n:(k + 1) * n]) / n for k, c in enumerate(names)}
+
+
+def summarise(acc, base, forgotten):
+    """Group accuracies as in the paper: forgotten, retained in-domain, retained cross-domain."""
+    kinds = {toyworld.concept_kind(c) for c in forgotten}
+    groups = {"forgotten": [c for c in acc if c in forgotten],
+              "retained_in_domain": [c for c in acc if c not in forgotten and toyworld.concept_kind(c) in kinds],
+              "retained_cross_domain": [c for c in acc if c not in forgotten and toyworld.concept_kind(c) not in kinds]}
+    mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
+    out = {}
+    for g, cs in groups.items():
+        out[g] = mean(acc, cs)
+        out[g + "_base"] = mean(base, cs)
+    retained = groups["retained_in_domain"] + groups["retained_cross_domain"]
+    out["retained"] = mean(acc, retained)
+    out["erosion"] = mean(base, retained) - mean(acc, retained)
+    return out
+
+
+def table(acc_by_model, forgotten=()):
+    """Markdown table: one row per concept, one column per model; forgotten concepts marked."""
+    cols = list(acc_by_model)
+    first = acc_by_model[cols[0]]
+    lines = ["| concept | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for c in first:
+        mark = " (forgotten)" if c in forgotten else ""
+        lines.append(f"| {c}{mark} | {toyworld.concept_kind(c)} | " +
+                     " | ".join(f"{100 * acc_by_model[m][c]:.0f}%" for m in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(acc_by_model, path):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = list(acc_by_model)
+    w.writerow(["concept", "kind"] + cols)
+    for c in acc_by_model[cols[0]]:
+        w.writerow([c, toyworld.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols])
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Score a toy-world model: accuracy per concept.")
+    ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS))
+    ap.add_argument("-n", type=int, default=8, help="images per concept")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=EVAL_STEPS)
+    ap.add_argument("--csv", default=None, help="also write the table as CSV")
+    args = ap.parse_args(argv)
+    try:
+        model = checkpoint.load(args.weights)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    acc = accuracy(model, n=args.n, seed=args.seed, steps=args.steps)
+    print(table({os.path.basename(args.weights): acc}))
+    for kind in ("style", "object", "colour"):
+        cs = [c for c in acc if toyworld.concept_kind(c) == kind]
+        print(f"mean {kind}: {100 * sum(acc[c] for c in cs) / len(cs):.1f}%  min: "
+              f"{100 * min(acc[c] for c in cs):.0f}%")
+    if args.csv:
+        write_csv({os.path.basename(args.weights): acc}, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Sampling from Stable Diffusion v1: the noise schedule, DDIM and DDPM, classifier-free guidance.
+
+    python sample.py "a red circle in the style of van gogh"          # the toy model in weights/
+    python sample.py "an astronaut riding a horse" --weights sd-v1-5.safetensors -n 4
+
+This file is the one place the diffusion schedule lives; duge.py and the toy-world training
+import `add_noise` and `alphas_cumprod` from here.
+
+References
+- DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (Algorithm 2, ancestral sampling).
+- DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models" (eq. 12).
+- Classifier-free guidance: Ho & Salimans 2022.
+- Conventions (schedule, timestep grid, final alpha) follow CompVis ldm/models/diffusion/ddim.py, the
+  code SD v1 was released with; diffusers' DDIMScheduler reproduces them with
+  timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import checkpoint
+
+# -----------------------------------------------------------------------------------------------
+# The noise schedule. SD v1 trains on T=1000 steps with "scaled linear" betas: linear in sqrt(beta).
+# Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s).
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def make_alphas_cumprod(beta_start=0.00085, beta_end=0.012, T=NUM_TRAIN_TIMESTEPS):
+    """abar_t for t = 0..T-1, computed in float64 (as CompVis does) and returned as float32."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    return torch.from_numpy(np.cumprod(1.0 - betas)).float()  # (T,)
+
+
+alphas_cumprod = make_alphas_cumprod()
+
+
+def add_noise(x0, noise, t):
+    """q(x_t | x_0): the training-time forward process. t is a (B,) LongTensor of timesteps."""
+    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def timestep_grid(steps):
+    """CompVis "uniform" grid, ascending: steps=50 gives 1, 21, ..., 981 (c = 1000 // steps)."""
+    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
+    c = NUM_TRAIN_TIMESTEPS // steps
+    return [i * c + 1 for i in range(steps)]
+
+
+def per_image_noise(shape, generators, device, dtype):
+    """One standard-normal draw per image, each from its own generator, so image i of a batch
+    never depends on how many other images share the batch."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators]
+                     ).to(device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------------------------
+# Samplers. `eps_fn(x, t) -> eps` is the (guided) noise prediction; each sampler walks the grid
+# from t = 981 down to t = 1 (for 50 steps).
+
+def ddim_sample(eps_fn, x, steps=50, eta=0.0, generators=None, progress=False, callback=None):
+    """DDIM (Song et al. eq. 12). eta = 0 is deterministic; eta = 1 behaves like DDPM.
+    As in CompVis, the "previous" alpha of the final step is abar_0 = 0.99915, not 1."""
+    ts = timestep_grid(steps)
+    ac = alphas_cumprod.double()
+    for i in tqdm(range(steps - 1, -1, -1), desc="ddim", disable=not progress):
+        t = ts[i]
+        a, a_prev = ac[t], (ac[ts[i - 1]] if i > 0 else ac[0])
+        eps = eps_fn(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # predicted clean latent
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * per_image_noise(x.shape, generators, x.device, x.dtype)
+        x = x.to(eps.dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def ddpm_sample(eps_fn, x, steps=50, generators=None, progress=False, callback=None):
+    """DDPM ancestral sampling (Ho et al. Algorithm 2) on the same strided grid: each step draws
+    x_prev ~ q(x_prev | x_t, x0_hat), the true posterior between two grid points, with the
+    "fixed small" variance. The final step (t=1) goes to abar = 1 and adds no noise."""
+    ts = timestep_grid(steps)
+    ac = alphas_cumprod.double()
+    for i in tqdm(range(steps - 1, -1, -1), desc="ddpm", disable=not progress):
+        t = ts[i]
+        a = ac[t]
+        a_prev = ac[ts[i - 1]] if i > 0 else torch.tensor(1.0, dtype=torch.float64)
+        alpha = a / a_prev  # alpha of this stride: 1 - beta_t in the paper when steps = 1000
+        beta = 1 - alpha
+        eps = eps_fn(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        # posterior mean  mu = c0 x0 + ct x_t  and variance  beta * (1 - a_prev) / (1 - a)
+        mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a)) * x
+        x = mean
+        if i > 0:
+            var = (beta * (1 - a_prev) / (1 - a)).clamp(min=1e-20)
+            x = x + var.sqrt() * per_image_noise(x.shape, generators, x.device, x.dtype)
+        x = x.to(eps.dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+
+
+def guided_eps(unet, cond, uncond, guidance):
+    """Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), one batched UNet call on [u, c]."""
+    def eps_fn(x, t):
+        if guidance == 1.0:
+            return unet(x, t, cond)
+        e_u, e_c = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+        return e_u + guidance * (e_c - e_u)
+    return eps_fn
+
+
+# -----------------------------------------------------------------------------------------------
+# The API train.py, evaluate.py and the tests use.
+
+@torch.no_grad()
+def encode_prompts(model, prompts):
+    """Text -> CLIP context (B, 77, width) on the text encoder's device and dtype."""
+    p = next(model.text_encoder.parameters())
+    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+
+
+@torch.no_grad()
+def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", eta=0.0,
+             height=None, width=None, negative="", latents=None, dtype=None, progress=False,
+             callback=None):
+    """prompts -> images (B, 3, H, W) in [0, 1]. `model` is a checkpoint.StableDiffusion.
+
+    Image i starts from noise drawn with seed `seed + i`, so it does not change with the batch
+    size. height/width default to the model's native resolution (512 for SD v1, 64 for the toy
+    model). `latents` overrides the initial noise. `dtype` casts the models for this call.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompt given: pass at least one prompt")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    timestep_grid(steps)  # validates steps
+    height = height or model.image_size
+    width = width or model.image_size
+    f = model.vae.downscale
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} must be divisible by {f} (the VAE's downscale)")
+    if dtype is not None:
+        model.to(dtype=dtype)
+    device = next(model.unet.parameters()).device
+    mdtype = next(model.unet.parameters()).dtype
+    B = len(prompts)
+
+    cond = encode_prompts(model, prompts)                                      # (B, 77, D)
+    uncond = encode_prompts(model, [negative] * B if isinstance(negative, str) else negative)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(B)]
+    if latents is None:
+        shape = (B, model.unet.cfg.in_channels, height // f, width // f)
+        latents = per_image_noise(shape, generators, device, mdtype)          # x_T ~ N(0, I)
+    x = latents.to(device=device, dtype=mdtype)
+    eps_fn = guided_eps(model.unet, cond, uncond, guidance)
+    kwargs = dict(eta=eta) if sampler == "ddim" else {}
+    x0 = SAMPLERS[sampler](eps_fn, x, steps, generators=generators, progress=progress,
+                           callback=callback, **kwargs)
+    images = model.vae.decode(x0)                                              # (B, 3, H, W) in ~[-1, 1]
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Image grids (also used by train.py and evaluate.py for before/after pictures).
+
+def to_pil(images):
+    """(B, 3, H, W) in [0, 1] -> list of PIL images."""
+    from PIL import Image
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(rows, labels=None, pad=2, label_height=None):
+    """rows: list of (N, 3, H, W) tensors, one row each; labels: one caption per row, drawn below it."""
+    from PIL import Image, ImageDraw
+    H, W = rows[0].shape[-2:]
+    ncol = max(r.shape[0] for r in rows)
+    lh = 0 if labels is None else (label_height or max(12, H // 8))
+    grid = Image.new("RGB", (ncol * (W + pad) + pad, len(rows) * (H + pad + lh) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        y = pad + r * (H + pad + lh)
+        for c, im in enumerate(to_pil(row)):
+            grid.paste(im, (pad + c * (W + pad), y))
+        if labels is not None:
+            draw.text((pad, y + H + 1), labels[r], fill="black")
+    return grid
+
+
+def save_image(image, path):
+    """Write a PIL image through a temporary file, so an interrupted run leaves no half-written PNG."""
+    path = str(path)
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------
+# The command line.
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 model "
+                                             "(the toy model in weights/ by default).")
+    ap.add_argument("prompt", nargs="*", help="one or more prompts; each gives one row of the grid")
+    ap.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
+    ap.add_argument("--weights", default=None, help="CompVis .safetensors/.ckpt file or diffusers folder "
+                                                    f"(default: {checkpoint.TOY_WEIGHTS})")
+    ap.add_argument("-n", type=int, default=4, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own, "
+                                                                 "7.5 for SD v1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    ap.add_argument("--eta", type=float, default=0.0)
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    ap.add_argument("--negative", default="", help="negative prompt (replaces the empty unconditional prompt)")
+    ap.add_argument("--out", default="out.png")
+    ap.add_argument("--separate", action="store_true", help="also write one PNG per image")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: fp32 "
+                                                                          "on CPU, fp16 on GPU)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: autodetect)")
+    args = ap.parse_args(argv)
+    try:
+        prompts = list(args.prompt)
+        if args.prompts:
+            with open(args.prompts, encoding="utf-8") as fh:
+                prompts += [line.strip() for line in fh if line.strip()]
+        if not prompts:
+            prompts = ["a red circle in the style of van gogh"] if args.weights is None else []
+        if not prompts:
+            raise ValueError("no prompt given: pass a prompt or --prompts FILE")
+        if args.n < 1:
+            raise ValueError(f"-n must be at least 1, got {args.n}")
+        device = pick_device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+        model = checkpoint.load(args.weights or checkpoint.TOY_WEIGHTS, device=device, dtype=dtype)
+        guidance = args.guidance if args.guidance is not None else model.guidance
+        rows = []
+        for k, p in enumerate(prompts):
+            rows.append(generate(model, [p] * args.n, steps=args.steps, guidance=guidance,
+                                 seed=args.seed + k * args.n, sampler=args.sampler, eta=args.eta,
+                                 height=args.size, width=args.size, negative=args.negative,
+                                 progress=True))
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_image(make_grid(rows, labels=prompts), args.out)
+    if args.separate:
+        stem, _ = os.path.splitext(args.out)
+        for k, row in enumerate(rows):
+            for j, im in enumerate(to_pil(row)):
+                tmp = f"{stem}_{k}_{j}.png"
+                save_image(im, tmp)
+    print(f"wrote {args.out} ({len(prompts)} prompt(s) x {args.n} image(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""sample.py: schedule golden values, the DDIM grid, and sampler parity with diffusers' schedulers."""
+import pytest
+import torch
+
+import sample
+
+
+def test_alphas_cumprod_golden():
+    ac = sample.alphas_cumprod
+    assert ac.dtype == torch.float32 and ac.shape == (1000,)
+    # weight_formats.md §1.2
+    assert ac[0].item() == pytest.approx(0.99915, abs=1e-7)
+    assert ac[1].item() == pytest.approx(0.998296, abs=1e-6)
+    assert ac[980].item() == pytest.approx(0.0058437833, rel=1e-6)
+    assert ac[999].item() == pytest.approx(0.0046600983, rel=1e-6)
+
+
+def test_schedule_matches_diffusers():
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    # diffusers takes the cumulative product in float32, CompVis (and we) in float64: equal to 1e-6.
+    torch.testing.assert_close(s.alphas_cumprod, sample.alphas_cumprod, rtol=2e-6, atol=0)
+
+
+def test_ddim_grid():
+    assert sample.timestep_grid(50) == list(range(1, 1000, 20))
+    assert sample.timestep_grid(50)[-1] == 981
+    assert sample.timestep_grid(1) == [1]
+    assert sample.timestep_grid(1000) == list(range(1, 1001))
+    for bad in (0, -3, 1001):
+        with pytest.raises(ValueError, match="steps"):
+            sample.timestep_grid(bad)
+
+
+def test_add_noise_matches_diffusers():
+    from diffusers import DDPMScheduler
+    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 500, 999])
+    torch.testing.assert_close(sample.add_noise(x0, noise, t), s.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
+
+
+def tiny_diffusers_unet():
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8).eval()
+
+
+def _eps_fn(unet, ctx, uctx, guidance):
+    @torch.no_grad()
+    def eps(x, t):
+        e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uctx, ctx])).sample.chunk(2)
+        return e_u + guidance * (e_c - e_u)
+    return eps
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_matches_diffusers_every_step(eta):
+    """Same UNet, latents, contexts: our DDIM trajectory equals DDIMScheduler configured as CompVis."""
+    from diffusers import DDIMScheduler
+    unet = tiny_diffusers_unet()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    eps = _eps_fn(unet, ctx, uctx, 7.5)
+
+    ours = []
+    sample.ddim_sample(eps, x.clone(), steps=10, eta=eta, generators=[torch.Generator().manual_seed(5)],
+                       callback=lambda i, t, xi: ours.append(xi.clone()))
+
+    sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sch.set_timesteps(10)
+    assert sch.timesteps.tolist() == sample.timestep_grid(10)[::-1]
+    gen, ref, xr = torch.Generator().manual_seed(5), [], x.clone()
+    for t in sch.timesteps:
+        xr = sch.step(eps(xr, t), t, xr, eta=eta, generator=gen).prev_sample
+        ref.append(xr.clone())
+    assert len(ours) == len(ref) == 10
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_ddpm_matches_diffusers_every_step():
+    from diffusers import DDPMScheduler
+    unet = tiny_diffusers_unet()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    eps = _eps_fn(unet, ctx, uctx, 3.0)
+
+    ours = []
+    sample.ddpm_sample(eps, x.clone(), steps=20, generators=[torch.Generator().manual_seed(9)],
+                       callback=lambda i, t, xi: ours.append(xi.clone()))
+    sch = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        steps_offset=1, timestep_spacing="leading", variance_type="fixed_small")
+    sch.set_timesteps(20)
+    assert sch.timesteps.tolist() == sample.timestep_grid(20)[::-1]
+    gen, ref, xr = torch.Generator().manual_seed(9), [], x.clone()
+    for t in sch.timesteps:
+        xr = sch.step(eps(xr, t), t, xr, generator=gen).prev_sample
+        ref.append(xr.clone())
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+# -----------------------------------------------------------------------------------------------
+# End to end: generate() on a model read by checkpoint.load equals diffusers' StableDiffusionPipeline
+# on the same random weights, latents and prompts.
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline (DDIM configured as CompVis), saved with
+    save_pretrained, and the same folder loaded by checkpoint.load."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import checkpoint
+    from clip_text import Tokenizer
+    tmp = tmp_path_factory.mktemp("pipeline")
+    tok = Tokenizer(Tokenizer.from_openai_gz().merges[:300])
+    tok.save_folder(tmp / "tokenizer")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu",
+                                        bos_token_id=tok.sot_id, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random everywhere, norms included, activations near unit scale
+        for m in (unet, vae, text):
+            for name, p in m.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_((name.endswith("weight") + 0.1 * noise) if p.ndim == 1 else noise / p[0].numel() ** 0.5)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), unet=unet.eval(), scheduler=scheduler,
+                                   tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp / "sd")
+    return pipe, checkpoint.load(tmp / "sd")
+
+
+def test_generate_matches_stable_diffusion_pipeline(tiny_sd):
+    pipe, model = tiny_sd
+    assert model.image_size == 16 and model.vae.downscale == 2
+    prompts = ["a photo of a cat", "An astronaut riding a horse!"]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = sample.generate(model, prompts, latents=latents, steps=8, guidance=7.5)  # (B, 3, H, W)
+    ref = pipe(prompt=prompts, height=16, width=16, num_inference_steps=8, guidance_scale=7.5,
+               latents=latents.clone(), output_type="np").images                   # (B, H, W, 3) numpy
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2)
+    diff = (ours - ref).abs().max().item()
+    print(f"images: max abs diff {diff:.2e}, std {ref.std().item():.3f}")
+    assert ours.shape == ref.shape == (2, 3, 16, 16) and diff < 1e-3
+    assert ref.std() > 0.05 and (ref[0] - ref[1]).abs().max() > 0.05  # the images are not flat, prompts matter
+    # the same latents with guidance 1 (one UNet call per step, no unconditional branch)
+    ours1 = sample.generate(model, prompts, latents=latents, steps=4, guidance=1.0)
+    ref1 = pipe(prompt=prompts, height=16, width=16, num_inference_steps=4, guidance_scale=1.0,
+                latents=latents.clone(), output_type="np").images
+    assert (ours1 - torch.from_numpy(ref1).permute(0, 3, 1, 2)).abs().max() < 1e-3
+
+
+def test_per_image_seeds(tiny_sd):
+    """Image i of a batch is the image generated alone with seed + i."""
+    _, model = tiny_sd
+    prompts = ["a cat", "a cat", "a dog"]
+    batch = sample.generate(model, prompts, steps=3, seed=10)
+    for i, p in enumerate(prompts):
+        alone = sample.generate(model, [p], steps=3, seed=10 + i)
+        assert (batch[i] - alone[0]).abs().max() < 1e-5, i
+    assert (batch[0] - batch[1]).abs().max() > 0.05  # same prompt, different seed: different noise
+    ddpm = sample.generate(model, prompts[:2], steps=3, seed=10, sampler="ddpm")
+    assert (ddpm[1] - sample.generate(model, prompts[1:2], steps=3, seed=11, sampler="ddpm")[0]).abs().max() < 1e-5
+
+
+def test_generate_rejects_bad_input(tiny_sd):
+    _, model = tiny_sd
+    for kwargs, words in [({"prompts": []}, "no prompt"), ({"steps": 0}, "steps must be"),
+                          ({"steps": 1001}, "steps must be"), ({"height": 15}, "divisible by 2"),
+                          ({"width": 17, "height": 16}, "divisible"), ({"sampler": "euler"}, "unknown sampler 'euler'")]:
+        with pytest.raises(ValueError, match=words):
+            sample.generate(model, **{"prompts": ["a cat"], **kwargs})
+
+
+def test_cli_errors_are_one_line(tiny_sd, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import checkpoint
+    weights = checkpoint.save(tiny_sd[1], tmp_path / "tiny.safetensors")
+    script = os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), "sample.py")
+
+    def run(*args):
+        r = subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr.strip().splitlines()
+
+    assert run("a cat", "--weights", str(tmp_path / "missing.safetensors")) == [
+        f"error: {tmp_path / 'missing.safetensors'}: no such file or folder; expected a SD v1 checkpoint"]
+    lines = run("a cat", "--weights", str(weights), "--steps", "0", "--size", "16")
+    assert lines == ["error: steps must be between 1 and 1000, got 0"]
+    lines = run("a cat", "--weights", str(weights), "--sampler", "euler")  # argparse: usage, then the error
+    assert lines[0].startswith("usage: ") and lines[-1].startswith("sample.py: error: argument --sampler: invalid choice")
+    assert not list(tmp_path.glob("*.png"))
