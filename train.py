@@ -188,10 +188,14 @@ def output_paths(out):
 
 
 def check_writable(path):
+    """Fail before any work if the output folder cannot be made or written (nothing is created)."""
     folder = Path(path).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".duge-write-test-{os.getpid()}"
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or (
+            existing != folder and not os.access(existing, os.W_OK)):
+        raise UserError(f"cannot write to {folder}; choose another --out")
+    try:  # /proc and similar refuse even when os.access says yes
+        probe = existing / f".duge-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -279,16 +283,23 @@ def before_after_grid(model, phi_prev, prompts, path, args):
     sample.save_image(sample.make_grid(rows, labels=[f"{p}   (before | after)" for p in prompts]), path)
 
 
+def check_concepts(requested, ledger):
+    done = [c for c, _ in forgotten(ledger)]
+    for i, concept in enumerate(requested):
+        if not concept:
+            raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
+        if concept in done:
+            raise UserError(f"'{concept}' is already forgotten by this model (request {done.index(concept) + 1} "
+                            "of its ledger); nothing to do")
+        if concept in requested[:i]:
+            raise UserError(f"'{concept}' is given twice with --forget")
+
+
 def run_request(model, concept, args, world, out):
     ledger = read_ledger(model)
-    concept = concept.strip().lower()
-    if not concept:
-        raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
     done = [c for c, _ in forgotten(ledger)]
-    if concept in done:
-        raise UserError(f"'{concept}' is already forgotten by this model (request {done.index(concept) + 1} "
-                        "of its ledger); nothing to do")
     paths = output_paths(out)
+    paths["model"].parent.mkdir(parents=True, exist_ok=True)
     kind = world.kind(concept, args.kind)
     anchor = args.anchor if args.anchor is not None else ""
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
@@ -444,7 +455,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if any(not c.strip() for c in args.forget):
+        args.forget = [c.strip().lower() for c in args.forget]
+        if any(not c for c in args.forget):
             raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
         device = sample.pick_device(args.device)
         model = checkpoint.load(args.weights or checkpoint.TOY_WEIGHTS, device=device,
@@ -453,6 +465,8 @@ def main(argv=None):
         args.lr = args.lr or (1e-3 if world.toy else 1e-5)
         args.guidance = args.guidance or model.guidance
         gone = [c for c, _ in forgotten(read_ledger(model))]
+        check_concepts(args.forget, read_ledger(model))
+        outs = []
         for i, concept in enumerate(args.forget):
             if args.out and i == len(args.forget) - 1:
                 out = Path(args.out)
@@ -464,6 +478,8 @@ def main(argv=None):
             if model.format == "compvis" and out.suffix != ".safetensors":
                 raise UserError(f"--out {out}: a single-file model must end in .safetensors")
             check_writable(out)
+            outs.append(out)
+        for concept, out in zip(args.forget, outs):
             run_request(model, concept, args, world, out)
     except (UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Train the toy text-to-image model from scratch on the procedural toy world (toyworld.py).
 
-    python train_toy.py                       # writes weights/toy_sd.safetensors (about an hour on 2 CPU cores)
+    python train_toy.py --threads 1     # writes weights/toy_sd.safetensors (about an hour on one CPU core)
 
 The toy model is Stable Diffusion v1 in miniature: the SAME classes (clip_text.TextEncoder,
 unet.UNet, vae.VAE) at small configurations, stored in the same CompVis single-file layout, so
@@ -121,7 +121,7 @@ def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_e
         if step % 100 == 0:
             log({"stage": "diffusion", "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
         if sample_every and (step + 1) % sample_every == 0:
-            preview(model, ema, params, os.path.join(outdir, f"samples_{step + 1:06d}.png"))
+            preview(model, ema, params, os.path.join(outdir, f"samples_{step + 1:06d}", ))
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -132,14 +132,16 @@ PREVIEW_PROMPTS = ["a red circle in the style of van gogh", "a blue star by mone
                    "a yellow triangle in the style of mondrian"]
 
 
-def preview(model, ema, params, path):
+def preview(model, ema, params, stem):
+    """A sample grid and a snapshot of the EMA model, so progress can be seen (and used) early."""
     backup = [p.detach().clone() for p in params]
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     model.unet.eval(), model.text_encoder.eval()
     rows = [sample.generate(model, [p] * 4, steps=20, guidance=TOY_GUIDANCE, seed=0) for p in PREVIEW_PROMPTS]
-    sample.save_image(sample.make_grid(rows, labels=PREVIEW_PROMPTS), path)
+    sample.save_image(sample.make_grid(rows, labels=PREVIEW_PROMPTS), stem + ".png")
+    checkpoint.save(model, stem + ".safetensors", format="compvis", dtype=torch.float16)
     with torch.no_grad():
         for b, p in zip(backup, params):
             p.copy_(b)
@@ -151,13 +153,13 @@ def main():
     ap.add_argument("--out", default=str(checkpoint.TOY_WEIGHTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--merges", type=int, default=400, help="at most this many BPE merges, learned on the captions")
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps")
+    ap.add_argument("--steps", type=int, default=4500, help="UNet + text encoder steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=20000, help="images rendered and encoded for stage 3")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--sample-every", type=int, default=1000)
+    ap.add_argument("--sample-every", type=int, default=500)
     ap.add_argument("--rundir", default="runs/toy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()

@@ -1,0 +1,140 @@
+"""duge.py: trainable set, the frozen original without a copy, the losses' values, anchors."""
+import pytest
+import torch
+
+import duge
+from unet import UNet, UNetConfig
+
+TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                  num_heads=2, context_dim=16, norm_groups=8)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    u = UNet(TINY)
+    for p in u.parameters():  # CompVis zero-inits some convs; make every weight matter
+        p.data.normal_(0, 0.1)
+    return u.eval()
+
+
+def test_trainable_set_sd_v1():
+    with torch.device("meta"):
+        u = UNet(UNetConfig())
+    named = dict(u.named_parameters())
+    kv = duge.trainable_names(u, "kv")
+    assert len(kv) == 32 and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv)
+    assert sum(named[n].numel() for n in kv) == 19_169_280  # 19.2 M, as in the method notes
+    assert len(duge.trainable_names(u, "attn2")) == 16 * 5
+    with pytest.raises(ValueError, match="kv"):
+        duge.trainable_names(u, "everything")
+
+
+def test_original_is_the_unet_with_its_tensors_swapped_in():
+    u = tiny_unet()
+    names = duge.trainable_names(u, "attn2")
+    named = dict(u.named_parameters())
+    phi0 = duge.Original(u, {n: named[n] for n in names})
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = u(x, 10, c)
+        for n in duge.trainable_names(u, "kv"):  # theta drifts away from phi_0
+            named[n].add_(0.5 * torch.randn_like(named[n]))
+        moved = u(x, 10, c)
+    assert (moved - ref).abs().max() > 1e-3
+    torch.testing.assert_close(phi0(x, 10, c), ref)          # phi_0 still gives the original output
+    torch.testing.assert_close(u(x, 10, c), moved)           # ...and did not touch theta
+    with phi0.applied():
+        torch.testing.assert_close(u(x, 10, c), ref)
+    torch.testing.assert_close(u(x, 10, c), moved)           # restored afterwards
+
+
+def make_batch(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return {"x_a": r(n, 4, 8, 8), "c_target": r(n, 5, 16), "c_anchor": r(n, 5, 16),
+            "x_r": r(n, 4, 8, 8), "c_r": r(n, 5, 16), "x_m": r(n, 4, 8, 8), "c_m": r(n, 5, 16)}
+
+
+def test_losses_values_at_the_start():
+    """At theta = phi_0: R_pr is exactly 0; L_U equals the gap between target and anchor prompts."""
+    u = tiny_unet().requires_grad_(False)
+    named = dict(u.named_parameters())
+    names = duge.trainable_names(u, "kv")
+    params = {n: named[n].requires_grad_(True) for n in names}
+    phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
+    batch = make_batch()
+    loss, logs = duge.losses(u, phi0, params, batch, duge.DugeConfig(), torch.Generator().manual_seed(1))
+    assert logs["R_pr"] == 0.0
+    assert logs["L_U"] > 1e-4 and logs["L_pr"] > 0
+    # the same L_U by hand: run theta on (x_t, c*) and phi_0 on (x_t, c^a) with the same noise and t
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.cat([batch["x_a"], batch["x_r"], batch["x_m"]])
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    import sample
+    xt = sample.add_noise(x0, noise, t)[:2]
+    with torch.no_grad(), duge.AttentionRecorder(u) as ra:
+        ea = u(xt, t[:2], batch["c_target"])
+    with torch.no_grad(), duge.AttentionRecorder(u) as rb:
+        eb = u(xt, t[:2], batch["c_anchor"])
+    by_hand = duge.cross_attention_loss(ra.outputs, rb.outputs, ea, eb)
+    assert logs["L_U"] == pytest.approx(by_hand.item(), rel=1e-4)
+    loss.backward()
+    assert all(named[n].grad is not None for n in names)
+    assert all(p.grad is None for n, p in named.items() if n not in names)
+
+
+def test_gamma_term():
+    u = tiny_unet()
+    named = dict(u.named_parameters())
+    names = duge.trainable_names(u, "kv")
+    phi0 = duge.Original(u, {n: named[n] for n in names})
+    with torch.no_grad():
+        named[names[0]].add_(1.0)  # every entry moved by 1
+    eps = torch.zeros(1, 4, 2, 2)
+    r = duge.regularization_loss(eps, eps, {n: named[n] for n in names}, phi0.tensors, gamma=0.5)
+    assert r.item() == pytest.approx(0.5 * named[names[0]].numel(), rel=1e-5)
+
+
+def test_unlearn_moves_target_towards_anchor_and_keeps_memory():
+    u = tiny_unet()
+    named = dict(u.named_parameters())
+    phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
+    b = make_batch(n=4, seed=3)
+    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
+            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    cfg = duge.DugeConfig(steps=60, lr=3e-3, batch=4)
+    hist = duge.unlearn(u, phi0, data, cfg, progress=False)
+    first, last = hist[0]["L_U"], sum(h["L_U"] for h in hist[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert sum(h["R_pr"] for h in hist[-5:]) / 5 < 0.2 * first
+    assert not any(p.requires_grad for p in u.parameters())
+
+
+@pytest.mark.parametrize("prompt,concept,anchor,expected", [
+    ("a painting in the style of van gogh", "van gogh", "", "a painting"),
+    ("a van gogh painting of a star", "van gogh", "", "a painting of a star"),
+    ("a painting by van gogh", "van gogh", "", "a painting"),
+    ("a red circle, painted by van gogh", "van gogh", "", "a red circle"),
+    ("a photo of a star", "star", "", "a photo"),
+    ("a painting of an orange star by monet", "orange", "", "a painting of a star by monet"),
+    ("an orange octagon", "orange", "", "an octagon"),
+    ("a painting in the style of van gogh", "van gogh", "monet", "a painting in the style of monet"),
+    ("a photo of an apple", "apple", "pear", "a photo of a pear"),
+])
+def test_anchor_prompt(prompt, concept, anchor, expected):
+    assert duge.anchor_prompt(prompt, concept, anchor) == expected
+
+
+def test_related_concepts_by_cosine():
+    vecs = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0], "d": [-1.0, 0.0], "e": [0.7, 0.7]}
+    embed = lambda ps: torch.tensor([vecs[p] for p in ps])
+    assert duge.related_concepts(embed, "a", ["a", "b", "c", "d", "e"], 2) == ["b", "e"]
+    assert duge.related_concepts(embed, "a", ["a"], 2) == []
+
+
+def test_eot_embedding_picks_first_end_token():
+    ctx = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    tokens = torch.tensor([[9, 1, 7, 7, 7], [9, 1, 2, 3, 7]])
+    out = duge.eot_embedding(ctx, tokens, 7)
+    torch.testing.assert_close(out, torch.stack([ctx[0, 2], ctx[1, 4]]))
