@@ -130,20 +130,26 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path):
-        """A diffusers/HF tokenizer/ folder (vocab.json + merges.txt).
+        """A diffusers/HF tokenizer/ folder: vocab.json + merges.txt (as SD v1.5 ships it), or only
+        the tokenizer.json that transformers >= 5 writes (the same vocab and merges in one file).
 
-        We build the vocabulary from merges.txt as everywhere else, and use vocab.json only as a
-        check: it must be exactly the vocabulary we build, or loading fails. Like HF, merges beyond
-        what vocab.json can hold are ignored.
+        We build the vocabulary from the merges as everywhere else, and use the stored vocab only
+        as a check: it must be exactly the vocabulary we build, or loading fails. Like HF, merges
+        beyond what the vocab can hold are ignored.
         """
         path = Path(path)
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        merges = parse_merges((path / "merges.txt").read_text(encoding="utf-8"))
+        if (path / "vocab.json").is_file() or not (path / "tokenizer.json").is_file():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            merges = parse_merges((path / "merges.txt").read_text(encoding="utf-8"))
+        else:
+            bpe = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab = bpe["vocab"]
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]  # "a b" or [a, b]
         tok = cls(merges[: len(vocab) - 2 * 256 - 2])
         if vocab != tok.vocab:
             diff = [t for t in vocab if tok.vocab.get(t) != vocab[t]][:5]
-            raise ValueError(f"{path}/vocab.json disagrees with the vocabulary built from "
-                             f"merges.txt ({len(vocab)} vs {tok.vocab_size} tokens; e.g. {diff})")
+            raise ValueError(f"{path}: the stored vocabulary disagrees with the one built from the merges "
+                             f"({len(vocab)} vs {tok.vocab_size} tokens; e.g. {diff})")
         return tok
 
     def save_folder(self, path):

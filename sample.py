@@ -217,6 +217,11 @@ def save_image(image, path):
 
 def pick_device(name=None):
     if name:
+        ok = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not ok.get(name.split(":")[0], False):
+            raise ValueError(f"device {name!r} is not available here; use one of "
+                             f"{', '.join(k for k, v in ok.items() if v)}")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -225,7 +230,7 @@ def pick_device(name=None):
     return torch.device("cpu")
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = checkpoint.DTYPES
 
 
 def main(argv=None):
