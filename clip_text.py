@@ -87,6 +87,19 @@ def parse_merges(text: str) -> list[tuple[str, str]]:
     return [tuple(ln.split()) for ln in lines]
 
 
+def merge_pair(symbols, pair):
+    """Merge every occurrence of `pair` in a list of symbols, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class Tokenizer:
     """CLIP byte-level BPE with SD v1 framing: [sot] + ids[:75] + [eot], padded with eot to 77.
 
@@ -174,15 +187,7 @@ class Tokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break  # no learned merge applies any more
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         ids = [self.vocab[s] for s in symbols]
         self.cache[word] = ids
         return ids

@@ -69,6 +69,35 @@ def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUI
     return {c: sum(hits[k * n:(k + 1) * n]) / n for k, c in enumerate(names)}
 
 
+@torch.no_grad()
+def combinations(model, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=80, styles=None, shapes=None,
+                 colours=None):
+    """The base model's quality: one image for every style x shape x colour prompt ("photo" is the
+    prompt without a style), scored on all three heads. -> (per-head accuracy, per-concept accuracy)."""
+    styles = styles or toyworld.STYLE_LABELS
+    shapes, colours = shapes or toyworld.SHAPES, colours or toyworld.COLOURS
+    combos = [(st, sh, co) for st in styles for sh in shapes for co in colours]
+    prompt = lambda st, sh, co: toyworld._articles(f"a {co} {sh}" + ("" if st == toyworld.PHOTO else f" in the style of {st}"))
+    clf = classifier.load_classifier()
+    guidance = model.guidance if guidance is None else guidance
+    right = {"style": [], "shape": [], "colour": []}
+    for i in range(0, len(combos), batch):
+        part = combos[i:i + batch]
+        images = sample.generate(model, [prompt(*c) for c in part], steps=steps, guidance=guidance, seed=seed + i)
+        pred = classifier.classify(images * 2 - 1, clf)
+        for j, (st, sh, co) in enumerate(part):
+            right["style"].append(pred["style"][j] == st)
+            right["shape"].append(pred["shape"][j] == sh)
+            right["colour"].append(pred["colour"][j] == co)
+    per_head = {h: sum(v) / len(v) for h, v in right.items()}
+    per_concept = {}
+    for h, pos, names in (("style", 0, styles), ("shape", 1, shapes), ("colour", 2, colours)):
+        for n in names:
+            hits = [right[h][k] for k, c in enumerate(combos) if c[pos] == n]
+            per_concept[n] = sum(hits) / len(hits)
+    return per_head, per_concept
+
+
 def summarise(acc, base, forgotten):
     """Group accuracies as in the paper: forgotten, retained in-domain, retained cross-domain."""
     kinds = {toyworld.concept_kind(c) for c in forgotten}
@@ -118,12 +147,23 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=EVAL_STEPS)
     ap.add_argument("--csv", default=None, help="also write the table as CSV")
+    ap.add_argument("--combinations", action="store_true",
+                    help="score one image of every style x shape x colour prompt on all three heads")
     args = ap.parse_args(argv)
     try:
         model = checkpoint.load(args.weights)
     except checkpoint.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.combinations:
+        per_head, per_concept = combinations(model, seed=args.seed, steps=args.steps)
+        print("| head | accuracy |\n|---|---|\n" + "\n".join(f"| {h} | {100 * a:.1f}% |" for h, a in per_head.items()))
+        print("\n| concept | head | accuracy |\n|---|---|---|")
+        for c, a in per_concept.items():
+            head = "style" if c in toyworld.STYLE_LABELS else "shape" if c in toyworld.SHAPES else "colour"
+            print(f"| {c} | {head} | {100 * a:.0f}% |")
+        print(f"\nlowest concept: {min(per_concept, key=per_concept.get)} {100 * min(per_concept.values()):.0f}%")
+        return 0
     acc = accuracy(model, n=args.n, seed=args.seed, steps=args.steps)
     print(table({os.path.basename(args.weights): acc}))
     for kind in ("style", "object", "colour"):

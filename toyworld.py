@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from clip_text import SPLIT, bytes_to_unicode, clean_text
+from clip_text import SPLIT, bytes_to_unicode, clean_text, merge_pair
 
 SIZE = 64  # output side in pixels
 SS = 2  # supersampling: draw at SIZE * SS, then box-downsample (anti-aliasing)
@@ -445,15 +445,7 @@ def words(text: str) -> list[tuple[str, ...]]:
 
 
 def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(word[i] + word[i + 1])
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+    return tuple(merge_pair(list(word), pair))
 
 
 def train_bpe(texts: list[str], n_merges: int) -> list[tuple[str, str]]:

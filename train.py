@@ -239,7 +239,7 @@ def prepare(model, phi0, world, concept, kind, anchor, retain, ledger, args, fp)
     exclude = gone + [concept]
     # L_U: the current concept and every earlier one (replay), each with its own anchor
     pairs = []
-    for c, a in forgotten(ledger) + [(concept, anchor)]:
+    for c, a in (forgotten(ledger) if not args.no_replay else []) + [(concept, anchor)]:
         for p in world.prompts(c, world.kind(c), args.prompts, exclude=exclude):
             pairs.append((p, duge.anchor_prompt(p, c, a)))
     targets, anchors = [p for p, _ in pairs], [a for _, a in pairs]
@@ -434,6 +434,7 @@ def parse_args(argv=None):
     ap.add_argument("--lambda-reg", type=float, default=1.0)
     ap.add_argument("--gamma", type=float, default=0.0, help="L2 pull to the original tensors")
     ap.add_argument("--trainable", default="kv", choices=["kv", "attn2"])
+    ap.add_argument("--no-replay", action="store_true", help="ablation: do not replay earlier concepts in L_U")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per concept")
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--memory", type=int, default=24, help="generic prompts in the memory")

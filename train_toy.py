@@ -162,6 +162,7 @@ def main():
     ap.add_argument("--sample-every", type=int, default=500)
     ap.add_argument("--rundir", default="runs/toy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--init", default=None, help="continue stage 3 from this toy model instead of starting over")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +176,16 @@ def main():
         logf.flush()
 
     torch.manual_seed(args.seed)
+    if args.init:  # continue stage 3 from a saved toy model (its tokenizer, VAE and latent scale)
+        model = checkpoint.load(args.init)
+        model.unet.requires_grad_(True), model.text_encoder.requires_grad_(True)
+        log({"stage": "init_from", "path": args.init})
+        data = encode_dataset(model.vae, args.images, args.seed + 3)
+        train_diffusion(model, data, args.steps, args.batch, args.lr, args.seed + 5, 0.1, log, args.sample_every,
+                        args.rundir)
+        checkpoint.save(model, args.out, format="compvis", dtype=torch.float16)
+        print(f"wrote {args.out} in {(time.time() - t0) / 60:.1f} min")
+        return
     merges = toyworld.train_bpe(toyworld.corpus(), args.merges)
     tok = Tokenizer(merges)
     text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, max_length=77, width=TOY_TEXT_WIDTH,
