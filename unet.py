@@ -167,7 +167,9 @@ class SpatialTransformer(nn.Module):
         h = rearrange(h, "b c h w -> b (h w) c")           # (B, H*W, C): one token per pixel
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        # contiguous: the permuted view is channels-last in memory, which would send proj_out and the
+        # convs after it down a path that re-lays out every conv weight on each call (bench.py speed)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W).contiguous()  # (B, C, H, W)
         return self.proj_out(h) + x                        # (B, C, H, W)
 
 
