@@ -56,7 +56,7 @@ def make_batch(n=2, seed=0):
 
 
 def test_losses_values_at_the_start():
-    """At theta = phi_0: R_pr is exactly 0; L_U equals the gap between target and anchor prompts."""
+    """At theta = phi_0: R_pr is 0; L_U equals the gap between target and anchor prompts."""
     u = tiny_unet().requires_grad_(False)
     named = dict(u.named_parameters())
     names = duge.trainable_names(u, "kv")
@@ -64,7 +64,8 @@ def test_losses_values_at_the_start():
     phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
     batch = make_batch()
     loss, logs = duge.losses(u, phi0, params, batch, duge.DugeConfig(), torch.Generator().manual_seed(1))
-    assert logs["R_pr"] == 0.0
+    # theta and phi_0 run on differently batched inputs, so "equal" is up to float rounding
+    assert logs["R_pr"] == pytest.approx(0.0, abs=1e-9)
     assert logs["L_U"] > 1e-4 and logs["L_pr"] > 0
     # the same L_U by hand: run theta on (x_t, c*) and phi_0 on (x_t, c^a) with the same noise and t
     g = torch.Generator().manual_seed(1)
