@@ -137,8 +137,9 @@ def encode_prompts(model, prompts):
 @torch.no_grad()
 def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", eta=0.0,
              height=None, width=None, negative="", latents=None, dtype=None, progress=False,
-             callback=None):
+             callback=None, decode=True):
     """prompts -> images (B, 3, H, W) in [0, 1]. `model` is a checkpoint.StableDiffusion.
+    With decode=False, the final latents x_0 instead (what training on latents needs).
 
     Image i starts from noise drawn with seed `seed + i`, so it does not change with the batch
     size. height/width default to the model's native resolution (512 for SD v1, 64 for the toy
@@ -173,6 +174,8 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
     kwargs = dict(eta=eta) if sampler == "ddim" else {}
     x0 = SAMPLERS[sampler](eps_fn, x, steps, generators=generators, progress=progress,
                            callback=callback, **kwargs)
+    if not decode:
+        return x0                                                              # (B, 4, H/f, W/f)
     images = model.vae.decode(x0)                                              # (B, 3, H, W) in ~[-1, 1]
     return ((images.float() + 1) / 2).clamp(0, 1)
 

@@ -155,25 +155,13 @@ def original_latents(model, phi0, prompts, per_prompt, args, cache_dir, fp):
             out.append(load_file(str(f))["latents"])
             continue
         with phi0.applied():
-            lat = generate_latents(model, [p] * per_prompt, args)
+            lat = sample.generate(model, [p] * per_prompt, steps=args.gen_steps, guidance=args.guidance,
+                                  height=args.size, width=args.size, decode=False)
         tmp = f.with_suffix(".tmp")
         save_file({"latents": lat.cpu().contiguous()}, str(tmp), metadata={"prompt": p})
         os.replace(tmp, f)
         out.append(lat.cpu())
     return torch.cat(out)
-
-
-def generate_latents(model, prompts, args, seed=0):
-    """Like sample.generate, but stop before the VAE: training works on latents."""
-    cond = sample.encode_prompts(model, prompts)
-    uncond = sample.encode_prompts(model, [""] * len(prompts))
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    f = model.vae.downscale
-    size = args.size or model.image_size
-    p = next(model.unet.parameters())
-    x = sample.per_image_noise((len(prompts), model.unet.cfg.in_channels, size // f, size // f), gens, p.device, p.dtype)
-    with torch.no_grad():
-        return sample.ddim_sample(sample.guided_eps(model.unet, cond, uncond, args.guidance), x, args.gen_steps)
 
 
 # -----------------------------------------------------------------------------------------------
