@@ -113,8 +113,10 @@ class World:
             ts = SD_TEMPLATES.get(kind, SD_TEMPLATES["other"])
             return [ts[i % len(ts)].format(concept) for i in range(n)]
         tw = self.tw
-        pick = lambda xs: [x for x in xs if x not in exclude and x != concept][self.rng.integers(
-            len([x for x in xs if x not in exclude and x != concept]))]
+        def pick(xs):
+            ok = [x for x in xs if x not in exclude and x != concept]
+            return ok[self.rng.integers(len(ok))]
+
         ts = tw.TEMPLATES.get(kind, tw.TEMPLATES["object"])
         return [tw.fill_template(ts[i % len(ts)], concept, colour=pick(tw.COLOURS), shape=pick(tw.SHAPES),
                                  style=pick(tw.STYLES)) for i in range(n)]
@@ -157,15 +159,20 @@ def original_latents(model, phi0, prompts, per_prompt, args, cache_dir, fp):
         with phi0.applied():
             lat = sample.generate(model, [p] * per_prompt, steps=args.gen_steps, guidance=args.guidance,
                                   height=args.size, width=args.size, decode=False)
-        tmp = f.with_suffix(".tmp")
-        save_file({"latents": lat.cpu().contiguous()}, str(tmp), metadata={"prompt": p})
-        os.replace(tmp, f)
+        write_safetensors(f, {"latents": lat.cpu().contiguous()}, {"prompt": p})
         out.append(lat.cpu())
     return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------------------------
 # Outputs
+
+def write_safetensors(path, tensors, meta):
+    """Write under a temporary name, then rename: an interrupted run never leaves half a file."""
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
 
 def output_paths(out):
     out = Path(out)
@@ -194,9 +201,7 @@ def save_delta(path, unet, names, phi0, meta):
     named = dict(unet.named_parameters())
     tensors = {f"theta.{n}": named[n].detach().cpu().contiguous() for n in names}
     tensors.update({f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()})
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, meta)
 
 
 def load_phi0(model, ledger, args):
@@ -375,9 +380,7 @@ def save_resume(path, unet, names, opt, concept, step):
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in s.items()})
     meta = {"concept": concept, "step": str(step), "param_groups": json.dumps(state["param_groups"])}
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, meta)
 
 
 def load_resume(path, unet, concept):
