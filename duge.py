@@ -185,7 +185,7 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
     generalization erosion".
 
         R_pr = || eps_theta(x_t, t, c_m) - sg eps_phi0(x_t, t, c_m) ||^2  (+ gamma ||theta - theta_0||^2),
-               c_m in the memory M (retained prompts of every step so far + generic prompts)
+               c_m in the memory M (retained concepts of every step so far + generic prompts)
 
     Distilling towards the ORIGINAL model, not the previous step's, is what stops erosion from
     piling up: each step is pulled back to phi_0 on everything that must be kept, so the errors
@@ -248,10 +248,11 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
-    g = torch.Generator().manual_seed(cfg.seed + start_step)
+    g = torch.Generator()
     history = []
     bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress)
     for step in bar:
+        g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
         a = draw(data["anchor"], cfg.batch, g)
         r = draw(data["related"], cfg.batch, g)
         m = draw(data["memory"], cfg.batch, g)

@@ -25,6 +25,7 @@ VARIANTS = {
     "no_reg": ["--lambda-reg", "0"],          # R_pr off: no distillation towards phi_0 on the memory
     "no_pr": ["--lambda-pr", "0"],            # L_pr off: no plain diffusion loss on related concepts
     "no_replay": ["--no-replay"],             # earlier concepts not replayed in L_U
+    "l_u_only": ["--lambda-pr", "0", "--lambda-reg", "0"],  # neither: forgetting alone, nothing protected
 }
 
 
@@ -81,15 +82,15 @@ def plot(rows, path):
         d.text((5, y(v) - 5), f"{int(100 * v)}%", fill="black")
     for s in range(steps + 1):
         d.text((x(s) - 3, H - m + 5), str(s), fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         rs = [r for r in rows if r["variant"] == v]
         first = rs[0]
         base = (first["retained_in_domain_base"] + first["retained_cross_domain_base"]) / 2
         pts = [(x(0), y(base))] + [(x(r["step"]), y(r["retained"])) for r in rs]
-        d.line(pts, fill=colours[i % 4], width=3)
-        d.line([(x(r["step"]), y(r["forgotten_mean"])) for r in rs], fill=colours[i % 4], width=1)
-        d.text((W - m - 150, m + 14 * i), f"{v}: retained (thick), forgotten (thin)", fill=colours[i % 4])
+        d.line(pts, fill=colours[i % len(colours)], width=3)
+        d.line([(x(r["step"]), y(r["forgotten_mean"])) for r in rs], fill=colours[i % len(colours)], width=1)
+        d.text((W - m - 150, m + 14 * i), f"{v}: retained (thick), forgotten (thin)", fill=colours[i % len(colours)])
     d.text((m, 10), "accuracy after each request", fill="black")
     tmp = str(path) + ".tmp"
     img.save(tmp, format="PNG")

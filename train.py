@@ -243,8 +243,11 @@ def prepare(model, phi0, world, concept, kind, anchor, retain, ledger, args, fp)
         pool = [c for c in world.candidates(kind) if c not in exclude]
         retain = duge.related_concepts(embed, concept, pool, args.num_related)
     related = [p for r in retain for p in world.prompts(r, world.kind(r), args.prompts, exclude=exclude)]
-    # memory M: retained concepts of every step so far + generic prompts, never a forgotten one
+    # memory M: the related concepts of every step so far, every other concept of a kind hit so
+    # far (the in-domain ones, which erode first) and generic prompts; never a forgotten one
     kept = [r for s in ledger["steps"] for r in s["retain"] if r not in exclude] + list(retain)
+    for k in dict.fromkeys([s["kind"] for s in ledger["steps"]] + [kind]):
+        kept += [c for c in world.candidates(k) if c not in exclude]
     memory = [p for r in dict.fromkeys(kept) for p in world.prompts(r, world.kind(r), 2, exclude=exclude)]
     memory += world.generic(args.memory, exclude=exclude)
 

@@ -86,6 +86,33 @@ def test_two_requests_build_the_ledger(tmp_path):
     assert any(not torch.equal(f1[n], f2[n]) for n in changed)  # the second request trained again
 
 
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Ctrl-C after the step-50 resume point: no model file, a resume file; --resume then ends
+    with exactly the tensors of an uninterrupted run."""
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "60", "--cache", str(tmp_path / "cache")]
+    assert train.main(args + ["--out", str(tmp_path / "full.safetensors")]) == 0
+
+    save = train.save_resume
+    def save_then_interrupt(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
+    out = tmp_path / "cut.safetensors"
+    assert train.main(args + ["--out", str(out)]) == 130
+    assert not out.exists() and (tmp_path / "cut.resume.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+    monkeypatch.setattr(train, "save_resume", save)
+    assert train.main(args + ["--out", str(out), "--resume"]) == 0
+    assert not (tmp_path / "cut.resume.safetensors").exists()
+    full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (tmp_path / "full.safetensors", out))
+    assert all(torch.equal(full[n], cut[n]) for n in full)
+    ledger = json.loads(checkpoint.load(out).meta["duge.ledger"])
+    assert [s["concept"] for s in ledger["steps"]] == ["van gogh"]
+
+
 @pytest.mark.slow
 def test_real_sd_path_full_size(tmp_path):
     """A full-size SD v1 file (random weights, official layout) through train.py at a small
