@@ -5,7 +5,7 @@ and there is no GPU, so the method is measured in a world small enough for a CPU
 is 64x64 RGB and shows ONE shape, filled with ONE colour and outlined in near-black, drawn
 large and roughly central over the background of ONE "artist" style:
 
-    shapes   circle, oval, square, diamond, triangle, star, heart, cross, hexagon
+    shapes   circle, oval, square, diamond, triangle, star, heart, cross, moon
     colours  red, orange, yellow, green, blue, purple, pink, white
     styles   van gogh, munch, monet, seurat, picasso, mondrian, hokusai, pollock, klimt
              (+ "photo": a plain smooth gradient, the unstyled background)
@@ -23,7 +23,7 @@ classifier cannot mistake it and a small diffusion model can learn it at 64x64:
     pollock    black, white and red drips and splatters on a beige canvas
     klimt      a mosaic of gold tiles, some holding a black or white dot
 
-Close pairs are deliberate (circle / oval / hexagon, square / diamond, van gogh / munch,
+Close pairs are deliberate (circle / oval, square / diamond, van gogh / munch,
 monet / seurat): nearby concepts are the ones that erode first when others are unlearned.
 A shape is jittered in position, size and rotation, but never so much that it turns into
 its neighbour (rotation stays within +-15 degrees, so a square never becomes a diamond).
@@ -52,7 +52,7 @@ SS = 2  # supersampling: draw at SIZE * SS, then box-downsample (anti-aliasing)
 # ------------------------------------------------------------------------------------------
 # Concepts
 
-SHAPES = ["circle", "oval", "square", "diamond", "triangle", "star", "heart", "cross", "hexagon"]
+SHAPES = ["circle", "oval", "square", "diamond", "triangle", "star", "heart", "cross", "moon"]
 
 COLOUR_RGB = {
     "red": (220, 40, 40),
@@ -70,7 +70,7 @@ STYLES = ["van gogh", "munch", "monet", "seurat", "picasso", "mondrian", "hokusa
 PHOTO = "photo"  # the unstyled background: not an artist, not a concept to forget
 STYLE_LABELS = STYLES + [PHOTO]  # what the generator draws and the classifier's style head predicts
 
-CLOSE_PAIRS = [("circle", "oval"), ("circle", "hexagon"), ("square", "diamond"), ("van gogh", "munch"), ("monet", "seurat")]
+CLOSE_PAIRS = [("circle", "oval"), ("square", "diamond"), ("van gogh", "munch"), ("monet", "seurat")]
 
 
 def concept_kind(name: str) -> str:
@@ -113,9 +113,16 @@ def _unit_outline(shape: str) -> np.ndarray:
         a, b = 1.0, 0.36
         return np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b],
                          [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]], float)
-    if shape == "hexagon":
-        a = np.deg2rad(60 * np.arange(6))
-        return np.stack([np.cos(a), np.sin(a)], 1)
+    if shape == "moon":  # a thick crescent: the unit circle less a bite (radius 0.75, centre 0.6 right)
+        # (A hexagon was here first: at 64 px the small model drew circles and hexagons alike.)
+        d, rb = 0.6, 0.75
+        x = (1 + d * d - rb * rb) / (2 * d)                  # where the two circles cross, at y = +-h
+        h = np.sqrt(1 - x * x)
+        outer = np.linspace(np.arctan2(h, x), 2 * np.pi - np.arctan2(h, x), 48)
+        inner = np.linspace(np.arctan2(-h, x - d) + 2 * np.pi, np.arctan2(h, x - d), 24)
+        pts = np.concatenate([np.stack([np.cos(outer), np.sin(outer)], 1),
+                              np.stack([d + rb * np.cos(inner), rb * np.sin(inner)], 1)])
+        return pts + [0.25, 0]                               # centre the crescent's mass
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -480,7 +487,7 @@ def train_bpe(texts: list[str], n_merges: int) -> list[tuple[str, str]]:
 def concept_grid(path: str | None = None, scale: int = 2) -> Image.Image:
     """Rows = the styles (photo last), columns = a few shape / colour pairs. Saved to path if given."""
     cells = [("circle", "red"), ("oval", "blue"), ("square", "yellow"), ("diamond", "green"),
-             ("triangle", "purple"), ("star", "orange"), ("heart", "pink"), ("cross", "white"), ("hexagon", "red")]
+             ("triangle", "purple"), ("star", "orange"), ("heart", "pink"), ("cross", "white"), ("moon", "red")]
     side, label_w, pad = SIZE * scale, 80, 2
     grid = Image.new("RGB", (label_w + len(cells) * (side + pad), 14 + len(STYLE_LABELS) * (side + pad)), "white")
     d = ImageDraw.Draw(grid)
