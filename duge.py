@@ -42,7 +42,7 @@ class DugeConfig:
     steps: int = 200
     lr: float = 1e-4          # AdamW on the trainable tensors
     batch: int = 4            # images per group (anchor / related / memory) in each step
-    lambda_pr: float = 1.0    # weight of the prior-preservation loss L_pr
+    lambda_pr: float = 2.0    # weight of the prior-preservation loss L_pr (toy-world tuned, README)
     lambda_reg: float = 1.0   # weight of the memory regulariser R_pr
     gamma: float = 0.0        # optional L2 pull of the trained tensors towards phi_0 (inside R_pr)
     trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor

@@ -44,6 +44,7 @@ def test_base_model_draws_every_concept(toy):
         cs = [c for c in acc if toyworld.concept_kind(c) == kind]
         assert sum(acc[c] for c in cs) / len(cs) >= MIN_MEAN[kind], (kind, {c: acc[c] for c in cs})
     assert acc["van gogh"] >= 2 / 3
+    assert min(acc.values()) >= 1 / 3, {c: a for c, a in acc.items() if a < 1 / 3}  # every concept is drawn
 
 
 def test_forget_van_gogh(tmp_path):
@@ -62,4 +63,4 @@ def test_forget_van_gogh(tmp_path):
     assert drop <= 0.10, {c: (base[c], after[c]) for c in kept}
 
 
-MIN_MEAN = {"style": 0.9, "object": 0.75, "colour": 0.9}  # measured: 100%, 92%, 99.7% (python evaluate.py --combinations)
+MIN_MEAN = {"style": 0.9, "object": 0.9, "colour": 0.9}  # measured: 99.7%, 99.3%, 99.9% (python evaluate.py --combinations)
