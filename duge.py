@@ -185,7 +185,7 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
     generalization erosion".
 
         R_pr = || eps_theta(x_t, t, c_m) - sg eps_phi0(x_t, t, c_m) ||^2  (+ gamma ||theta - theta_0||^2),
-               c_m in the memory M (retained concepts of every step so far + generic prompts)
+               c_m in the memory M (related concepts of every step, the other concepts of every kind hit, generic prompts)
 
     Distilling towards the ORIGINAL model, not the previous step's, is what stops erosion from
     piling up: each step is pulled back to phi_0 on everything that must be kept, so the errors
