@@ -18,14 +18,15 @@ Loading is strict: every tensor of the file is used, or is one of the extras off
 a CheckpointError whose one-line message names it. Nothing here executes a pickle: .safetensors
 is read directly and .ckpt / .bin go through safe_pickle (a restricted unpickler).
 
-Reference: ../shared/reference/weight_formats.md in the project's notes; CompVis
-configs/stable-diffusion/v1-inference.yaml; diffusers loaders/single_file_utils.py.
+References: CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (the single-file
+layout); diffusers loaders/single_file_utils.py.
 """
 import argparse
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,57 @@ POSITION_IDS = "text_model.embeddings.position_ids"
 
 class CheckpointError(Exception):
     """A file we cannot or will not load; the message is one line that says what to do."""
+
+
+# -----------------------------------------------------------------------------------------------
+# The one way this project writes a file: under a temporary name, renamed at the end
+
+@contextmanager
+def atomic_path(path, mode=0o644):
+    """Yield a temporary path beside `path` to write a file or a folder to; only when the block
+    finishes is it renamed to `path` (replacing what was there), so an interrupted or failed
+    write leaves the old file and no half-written one. Files get `mode` (safetensors' own
+    default, 0600, would hide models from other users)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+            if f.is_file():
+                os.chmod(f, mode)
+        if path.is_dir():  # a folder cannot be replaced in one step: swap, then delete the old one
+            old = path.with_name(path.name + ".old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p):
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def check_writable(path):
+    """Fail before any work if the output folder cannot be made or written (nothing is created)."""
+    folder = Path(path).resolve().parent
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or (
+            existing != folder and not os.access(existing, os.W_OK)):
+        raise CheckpointError(f"cannot write to {folder}; choose another output path")
+    try:  # /proc and similar refuse even when os.access says yes
+        probe = existing / f".duge-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {folder} ({e.strerror}); choose another output path") from None
 
 
 @dataclass
@@ -503,28 +555,13 @@ def save(model, path, format=None, extra_metadata=None, dtype=None):
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     meta = metadata(model, extra_metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         if fmt == "compvis":
             save_file({k: cast(v).cpu() for k, v in compvis_state_dict(model).items()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-            return path
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_diffusers(model, tmp, meta, cast)
-        if path.exists():  # a folder cannot be replaced in one step: swap, then delete the old one
-            old = path.with_name(path.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
         else:
-            os.replace(tmp, path)
-        return path
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
+            tmp.mkdir()
+            _write_diffusers(model, tmp, meta, cast)
+    return path
 
 
 def _write_diffusers(model, folder, meta, cast):
@@ -563,10 +600,8 @@ def _write_diffusers(model, folder, meta, cast):
 # -----------------------------------------------------------------------------------------------
 # The command line: convert once, then load the clean file every time.
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def main(argv=None):
+    from sample import DTYPES
     ap = argparse.ArgumentParser(prog="python -m checkpoint", description="Stable Diffusion v1 checkpoint tools.")
     sub = ap.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="rewrite a .ckpt / .safetensors / diffusers folder as a "

@@ -1,4 +1,4 @@
-"""DUGE: Decremental Unlearning without Generalization Erosion, the three losses and one step.
+"""DUGE: Decremental Unlearning without Generalization Erosion, all of the method in one file.
 
 Paper: K. Thakral, T. Glaser, T. Hassner, M. Vatsa, R. Singh, "Continual Unlearning for
 Foundational Text-to-Image Models without Generalization Erosion", arXiv 2503.13769 (2025).
@@ -16,18 +16,20 @@ formulas are THIS PROJECT'S RECONSTRUCTION (see README, "What is reconstructed")
     L = L_U + lambda_pr * L_pr + lambda_reg * R_pr
 
 Requests come one at a time ("decremental steps"); every step starts from the model the previous
-one produced, and the ledger of concepts forgotten so far is replayed in L_U, so an earlier
-concept cannot come back (resurgence) while a new one is removed.
+one produced. `recipe` says which concepts feed each loss in a step: the ledger of concepts
+forgotten so far is replayed in L_U, so an earlier concept cannot come back (resurgence) while a
+new one is removed, and the memory grows with every kind of concept hit.
 
 phi_0 differs from theta only in the trainable tensors, so it is never a second UNet: we keep a
 copy of those tensors and run the same module with them swapped in (torch.func.functional_call).
-Peak memory stays near one UNet, where ESD and Concept Ablation hold two.
+Peak memory stays near one UNet, where ESD's code holds two (Concept Ablation's code runs its
+anchor target through the same UNet under no_grad: its target is the model being trained, not a
+fixed original).
 
-This file has no file I/O and no CLI: train.py prepares prompts, images and the ledger.
+No file I/O and no CLI here: train.py turns the recipe into prompts and images, and saves.
 """
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +41,55 @@ from sample import NUM_TRAIN_TIMESTEPS, add_noise
 
 @dataclass
 class DugeConfig:
+    """Every default of a request. PRESETS holds the toy-world and real-SD values; train.py's
+    flags override single fields."""
     steps: int = 200
-    lr: float = 1e-4          # AdamW on the trainable tensors
-    batch: int = 4            # images per group (anchor / related / memory) in each step
+    lr: float = 1e-3          # AdamW on the trainable tensors
+    batch: int = 8            # images per group (anchor / related / memory) in each step
     lambda_pr: float = 2.0    # weight of the prior-preservation loss L_pr (toy-world tuned, README)
     lambda_reg: float = 1.0   # weight of the memory regulariser R_pr
     gamma: float = 0.0        # optional L2 pull of the trained tensors towards phi_0 (inside R_pr)
     trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor
+    replay: bool = True       # replay the ledger's concepts in L_U
+    num_related: int = 3      # related concepts R_k protected by L_pr
+    prompts: int = 8          # prompts per concept
+    images_per_prompt: int = 2
+    memory: int = 24          # generic prompts in the memory M
     seed: int = 0
 
 
+PRESETS = {"toy": DugeConfig(), "sd": DugeConfig(lr=1e-5)}
+
+
 # -----------------------------------------------------------------------------------------------
-# What trains, and the frozen original
+# The continual recipe: which concepts feed which loss in step k
+
+@dataclass
+class Recipe:
+    unlearn: list             # (concept, anchor) pairs for L_U: this request, and every earlier one
+    related: list             # R_k: the concepts nearest this one, protected by L_pr
+    memory: list              # the concepts whose prompts fill M for R_pr (generic prompts come on top)
+    exclude: list = field(default_factory=list)  # every forgotten concept: never in a prompt we keep
+
+
+def recipe(ledger, concept, anchor, kind, candidates, nearest, retain=None, replay=True):
+    """ledger: {"steps": [{"concept", "anchor", "kind", "retain"}, ...]} of the earlier requests;
+    candidates(kind) -> the known concepts of a kind; nearest(pool) -> the related concepts
+    chosen from pool (by text embedding), used when `retain` (the user's list) is None."""
+    done = ledger["steps"]
+    exclude = [s["concept"] for s in done] + [concept]
+    unlearn = ([(s["concept"], s["anchor"]) for s in done] if replay else []) + [(concept, anchor)]
+    related = list(retain) if retain is not None else nearest([c for c in candidates(kind) if c not in exclude])
+    # M: the related concepts of every step so far, and every other concept of a kind hit so far
+    # (the in-domain ones, which erode first); never a forgotten one
+    kept = [r for s in done for r in s["retain"] if r not in exclude] + related
+    for k in dict.fromkeys([s["kind"] for s in done] + [kind]):
+        kept += [c for c in candidates(k) if c not in exclude]
+    return Recipe(unlearn, related, list(dict.fromkeys(kept)), exclude)
+
+
+# -----------------------------------------------------------------------------------------------
+# What trains, the frozen original, and what L_U reads
 
 def trainable_names(unet, which="kv"):
     """Names of the trained tensors. SD v1: 16 attn2 layers x (to_k, to_v) = 19.2 M parameters.
@@ -92,62 +131,24 @@ class Original:
 
 
 class AttentionRecorder:
-    """Collects A^l of every attn2 layer during one forward (the UNet's `record` hook)."""
+    """A^l of every attn2 layer during one forward: the input of attn2.to_out, (B, N, C), taken by
+    a forward pre-hook (hooks fire under functional_call too). A layer the forward never reached
+    (an interrupted call) stays None; leaving the block never raises."""
 
     def __init__(self, unet):
-        self.layers = [m for _, m in unet.cross_attentions()]
+        self.projections = [m.to_out for _, m in unet.cross_attentions()]
 
     def __enter__(self):
-        for m in self.layers:
-            m.record = []
+        self.outputs = [None] * len(self.projections)
+
+        def hook(i):
+            return lambda module, args: self.outputs.__setitem__(i, args[0])
+        self.handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(self.projections)]
         return self
 
     def __exit__(self, *exc):
-        self.outputs = [m.record[0] for m in self.layers]  # one forward -> one output per layer, (B, N, C)
-        for m in self.layers:
-            m.record = None
-
-
-# -----------------------------------------------------------------------------------------------
-# Prompts: anchors and related concepts
-
-CONNECTORS = r"(?:in the style of|(?:painted |drawn )?by|of)"
-
-
-def anchor_prompt(prompt, concept, anchor=""):
-    """The prompt with the concept replaced by its anchor. With the empty anchor the concept is
-    removed and the words left dangling go with it: "a painting in the style of van gogh" ->
-    "a painting", "a van gogh painting of a star" -> "a painting of a star", "a photo of a star"
-    -> "a photo", "a star by monet" (concept star) -> "by monet"."""
-    out = re.sub(r"\b" + re.escape(concept) + r"\b", anchor, prompt, flags=re.IGNORECASE)
-    out = " ".join(out.split())
-    while True:  # drop an article or connector left at the end, or an article before a connector
-        new = re.sub(rf"(?:\s*,)?\s*(?:\ban?|{CONNECTORS})\s*$", "", out)
-        new = re.sub(rf"\ban?\s+(?={CONNECTORS}\b|,)", "", new).strip(" ,")
-        if new == out:
-            break
-        out = new
-    # a / an agree with the word that now follows them
-    return re.sub(r"\b(an?)\s+(\w)", lambda m: ("an " if m.group(2) in "aeiouAEIOU" else "a ") + m.group(2), out)
-
-
-def eot_embedding(context, tokens, eot_id):
-    """The text encoder's summary of a prompt: the hidden state at its first end-of-text token
-    (what CLIP projects to its joint space). context (B, 77, D), tokens (B, 77) -> (B, D)."""
-    first = (tokens == eot_id).int().argmax(dim=1)
-    return context[torch.arange(len(context)), first]
-
-
-def related_concepts(embed, concept, candidates, k, template="{}"):
-    """The k candidates nearest to the concept by cosine similarity of the model's own text
-    embeddings. embed(list of prompts) -> (N, D). These are the concepts most at risk of being
-    forgotten along with the target, so L_pr protects them explicitly."""
-    others = [c for c in candidates if c.lower() != concept.lower()]
-    if not others or k <= 0:
-        return []
-    e = F.normalize(embed([template.format(c) for c in [concept] + others]).float(), dim=-1)
-    sims = e[1:] @ e[0]
-    return [others[i] for i in sims.argsort(descending=True)[:k].tolist()]
+        for h in self.handles:
+            h.remove()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
     generalization erosion".
 
         R_pr = || eps_theta(x_t, t, c_m) - sg eps_phi0(x_t, t, c_m) ||^2  (+ gamma ||theta - theta_0||^2),
-               c_m in the memory M (related concepts of every step, the other concepts of every kind hit, generic prompts)
+               c_m in the memory M (Recipe.memory's prompts and generic ones)
 
     Distilling towards the ORIGINAL model, not the previous step's, is what stops erosion from
     piling up: each step is pulled back to phi_0 on everything that must be kept, so the errors
@@ -198,27 +199,29 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
 
 def losses(unet, phi0, params, batch, cfg, generator):
     """All three losses from two UNet calls: one of theta on every group (with attn2 recorded),
-    one of phi_0 on the groups it supervises.
+    one of phi_0 on the groups it supervises (anchor and memory).
 
     batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r
     (related images, anchor images included, with their prompts), x_m, c_m (memory)."""
-    x_a, x_r, x_m = batch["x_a"], batch["x_r"], batch["x_m"]
-    na, nr = len(x_a), len(x_r)
-    x0 = torch.cat([x_a, x_r, x_m])
+    sizes = [len(batch["x_a"]), len(batch["x_r"]), len(batch["x_m"])]
+    x0 = torch.cat([batch["x_a"], batch["x_r"], batch["x_m"]])
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator).to(x0.device)
     xt = add_noise(x0, noise, t)                                                  # (Na+Nr+Nm, 4, h, w)
+    (xt_a, _, xt_m), (t_a, _, t_m) = xt.split(sizes), t.split(sizes)
 
     with AttentionRecorder(unet) as rec_theta:
         eps_theta = unet(xt, t, torch.cat([batch["c_target"], batch["c_r"], batch["c_m"]]))
-    keep = torch.cat([torch.arange(na), torch.arange(na + nr, len(x0))]).to(x0.device)
     with AttentionRecorder(unet) as rec_phi0:
-        eps_phi0 = phi0(xt[keep], t[keep], torch.cat([batch["c_anchor"], batch["c_m"]]))
+        eps_phi0 = phi0(torch.cat([xt_a, xt_m]), torch.cat([t_a, t_m]), torch.cat([batch["c_anchor"], batch["c_m"]]))
+    e_a, e_r, e_m = eps_theta.split(sizes)
+    p_a, p_m = eps_phi0.split([sizes[0], sizes[2]])
+    attn_theta = [a[:sizes[0]] for a in rec_theta.outputs]                      # the anchor group's A^l
+    attn_phi0 = [a[:sizes[0]] for a in rec_phi0.outputs]
 
-    l_u = cross_attention_loss([a[:na] for a in rec_theta.outputs], [a[:na] for a in rec_phi0.outputs],
-                               eps_theta[:na], eps_phi0[:na])
-    l_pr = prior_preservation_loss(eps_theta[na:na + nr], noise[na:na + nr])
-    r_pr = regularization_loss(eps_theta[na + nr:], eps_phi0[na:], params, phi0.tensors, cfg.gamma)
+    l_u = cross_attention_loss(attn_theta, attn_phi0, e_a, p_a)
+    l_pr = prior_preservation_loss(e_r, noise.split(sizes)[1])
+    r_pr = regularization_loss(e_m, p_m, params, phi0.tensors, cfg.gamma)
     total = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr
     return total, {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
 
@@ -238,7 +241,8 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
     contexts (the text encoder is frozen, so prompts are encoded once):
         data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"] = {"x", "c"},
         data["memory"] = {"x", "c"}.
-    Returns per-step loss history. `on_step(step, logs, optimizer)` may save a resume point."""
+    Returns per-step loss history. `on_step(step, logs, optimizer)` runs after every step (train.py
+    writes its resume point there)."""
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())
     unet.requires_grad_(False)
@@ -250,24 +254,25 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
         opt.load_state_dict(optimizer_state)
     g = torch.Generator()
     history = []
-    bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress)
-    for step in bar:
-        g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
-        a = draw(data["anchor"], cfg.batch, g)
-        r = draw(data["related"], cfg.batch, g)
-        m = draw(data["memory"], cfg.batch, g)
-        batch = {"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
-                 "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}
-        loss, logs = losses(unet, phi0, params, batch, cfg, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step} ({logs}); "
-                                     "lower --lr or use --dtype fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(logs)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
-        if on_step is not None:
-            on_step(step, logs, opt)
-    unet.requires_grad_(False)
+    bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress,
+               initial=start_step, total=cfg.steps)
+    try:
+        for step in bar:
+            g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
+            a, r, m = (draw(data[k], cfg.batch, g) for k in ("anchor", "related", "memory"))
+            batch = {"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
+                     "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}
+            loss, logs = losses(unet, phi0, params, batch, cfg, g)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step} ({logs}); "
+                                         "lower --lr or use --dtype fp32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(logs)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+            if on_step is not None:
+                on_step(step, logs, opt)
+    finally:
+        unet.requires_grad_(False)
     return history

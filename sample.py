@@ -22,8 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-
 # -----------------------------------------------------------------------------------------------
 # The noise schedule. SD v1 trains on T=1000 steps with "scaled linear" betas: linear in sqrt(beta).
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s).
@@ -208,11 +206,10 @@ def make_grid(rows, labels=None, pad=2, label_height=None):
 
 
 def save_image(image, path):
-    """Write a PIL image through a temporary file, so an interrupted run leaves no half-written PNG."""
-    path = str(path)
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a PIL image as PNG; an interrupted run leaves no half-written file."""
+    from checkpoint import atomic_path  # file I/O stays out of the import path of duge.py
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -233,10 +230,11 @@ def pick_device(name=None):
     return torch.device("cpu")
 
 
-DTYPES = checkpoint.DTYPES
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None):
+    import checkpoint
     ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 model "
                                              "(the toy model in weights/ by default).")
     ap.add_argument("prompt", nargs="*", help="one or more prompts; each gives one row of the grid")

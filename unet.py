@@ -78,9 +78,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention. attn1: self-attention over pixels (context None).
     attn2: queries from the pixels, keys and values from the text, so each pixel reads the prompt.
 
-    `record` lets duge.py read the attention output without patching the forward: set it to a
-    list and every call appends its output (B, N, C) before to_out (with record_probs, an
-    (out, probs) tuple with the softmax probabilities (B, heads, N, T))."""
+    duge.py reads A^l, the attention output before to_out, with a forward pre-hook on `to_out`.
+    `fused = False` runs the spelled-out softmax(q k^T / sqrt(D)) v instead of the fused kernel."""
 
     def __init__(self, dim, context_dim=None, heads=8):
         super().__init__()
@@ -90,22 +89,19 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
-        self.record = None
-        self.record_probs = False
+        self.fused = True
 
     def forward(self, x, context=None):                    # x (B, N, C), context (B, T, Cc)
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)        # (B, H, N, D)
         k = rearrange(self.to_k(context), "b t (h d) -> b h t d", h=self.heads)  # (B, H, T, D)
         v = rearrange(self.to_v(context), "b t (h d) -> b h t d", h=self.heads)  # (B, H, T, D)
-        if self.record is not None and self.record_probs:
-            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, T)
-            out = probs @ v                                                      # (B, H, N, D)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(q k^T / sqrt(D)) v, one kernel
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(q k^T / sqrt(D)) v, fused
-        out = rearrange(out, "b h n d -> b n (h d)")        # (B, N, C)
-        if self.record is not None:
-            self.record.append((out, probs) if self.record_probs else out)
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, T), rows sum to 1
+            out = probs @ v                                                      # (B, H, N, D)
+        out = rearrange(out, "b h n d -> b n (h d)")        # (B, N, C): A^l
         return self.to_out(out)
 
 

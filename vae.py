@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet import GroupNorm32  # one fp32 GroupNorm for both models
+
 
 @dataclass
 class VAEConfig:
@@ -37,17 +39,8 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)  # 8 for SD: 512x512 pixels -> 64x64 latents
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 (like CompVis' GroupNorm32): a mean and variance summed over
-    thousands of values in bf16/fp16 lose bits, and fp16 squares can overflow."""
-
-    def forward(self, x):
-        w, b = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
 def Normalize(channels, groups):
-    return GroupNorm(groups, channels, eps=1e-6)  # 1e-6 here, unlike the UNet's 1e-5
+    return GroupNorm32(groups, channels, eps=1e-6)  # 1e-6 here, unlike the UNet's 1e-5
 
 
 class ResnetBlock(nn.Module):

@@ -1,12 +1,10 @@
-"""duge.py: trainable set, the frozen original without a copy, the losses' values, anchors."""
+"""duge.py: trainable set, the frozen original without a copy, the losses' values, the recipe."""
 import pytest
 import torch
 
 import duge
+from tests.common import TINY_UNET as TINY
 from unet import UNet, UNetConfig
-
-TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                  num_heads=2, context_dim=16, norm_groups=8)
 
 
 def tiny_unet(seed=0):
@@ -112,30 +110,29 @@ def test_unlearn_moves_target_towards_anchor_and_keeps_memory():
     assert not any(p.requires_grad for p in u.parameters())
 
 
-@pytest.mark.parametrize("prompt,concept,anchor,expected", [
-    ("a painting in the style of van gogh", "van gogh", "", "a painting"),
-    ("a van gogh painting of a star", "van gogh", "", "a painting of a star"),
-    ("a painting by van gogh", "van gogh", "", "a painting"),
-    ("a red circle, painted by van gogh", "van gogh", "", "a red circle"),
-    ("a photo of a star", "star", "", "a photo"),
-    ("a painting of an orange star by monet", "orange", "", "a painting of a star by monet"),
-    ("an orange octagon", "orange", "", "an octagon"),
-    ("a painting in the style of van gogh", "van gogh", "monet", "a painting in the style of monet"),
-    ("a photo of an apple", "apple", "pear", "a photo of a pear"),
-])
-def test_anchor_prompt(prompt, concept, anchor, expected):
-    assert duge.anchor_prompt(prompt, concept, anchor) == expected
+LEDGER = {"steps": [{"concept": "van gogh", "anchor": "", "kind": "style", "retain": ["munch", "monet"]},
+                    {"concept": "star", "anchor": "", "kind": "object", "retain": ["heart"]}]}
+KINDS = {"style": ["van gogh", "munch", "monet", "seurat", "picasso"], "object": ["star", "heart", "circle"],
+         "colour": ["red", "blue"]}
 
 
-def test_related_concepts_by_cosine():
-    vecs = {"a": [1.0, 0.0], "b": [0.9, 0.1], "c": [0.0, 1.0], "d": [-1.0, 0.0], "e": [0.7, 0.7]}
-    embed = lambda ps: torch.tensor([vecs[p] for p in ps])
-    assert duge.related_concepts(embed, "a", ["a", "b", "c", "d", "e"], 2) == ["b", "e"]
-    assert duge.related_concepts(embed, "a", ["a"], 2) == []
+def test_recipe_replays_the_ledger_and_grows_the_memory():
+    nearest = lambda pool: pool[:2]
+    plan = duge.recipe(LEDGER, "monet", "", "style", KINDS.get, nearest)
+    assert plan.unlearn == [("van gogh", ""), ("star", ""), ("monet", "")]   # replay, then this request
+    assert plan.related == ["munch", "seurat"]                                # nearest among the pool
+    assert plan.exclude == ["van gogh", "star", "monet"]
+    # memory: earlier steps' related concepts (never a forgotten one), this step's, then every other
+    # concept of each kind hit so far (style and object; colour was never hit)
+    assert plan.memory == ["munch", "heart", "seurat", "picasso", "circle"]
+    assert not set(plan.memory) & set(plan.exclude)
+    no_replay = duge.recipe(LEDGER, "monet", "a painting", "style", KINDS.get, nearest, retain=["picasso"], replay=False)
+    assert no_replay.unlearn == [("monet", "a painting")] and no_replay.related == ["picasso"]
+    first = duge.recipe({"steps": []}, "red", "", "colour", KINDS.get, lambda pool: pool)
+    assert first.unlearn == [("red", "")] and first.related == ["blue"] and first.memory == ["blue"]
 
 
-def test_eot_embedding_picks_first_end_token():
-    ctx = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    tokens = torch.tensor([[9, 1, 7, 7, 7], [9, 1, 2, 3, 7]])
-    out = duge.eot_embedding(ctx, tokens, 7)
-    torch.testing.assert_close(out, torch.stack([ctx[0, 2], ctx[1, 4]]))
+def test_presets():
+    assert duge.PRESETS["toy"] == duge.DugeConfig()
+    assert duge.PRESETS["sd"].lr == 1e-5 and duge.PRESETS["toy"].lr == 1e-3
+    assert duge.PRESETS["sd"].batch == duge.PRESETS["toy"].batch == 8

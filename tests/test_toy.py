@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import checkpoint
-import evaluate
-import toyworld
+from toy import evaluate, world
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +37,10 @@ def test_sample_cli_uses_the_toy_model_by_default(tmp_path):
 
 
 def test_base_model_draws_every_concept(toy):
-    """Reduced version of `python evaluate.py --combinations`: 3 images per concept, fixed seeds."""
+    """Reduced version of `python -m toy.evaluate --combinations`: 3 images per concept, fixed seeds."""
     acc = evaluate.accuracy(toy, n=3, seed=0)
     for kind in ("style", "object", "colour"):
-        cs = [c for c in acc if toyworld.concept_kind(c) == kind]
+        cs = [c for c in acc if world.concept_kind(c) == kind]
         assert sum(acc[c] for c in cs) / len(cs) >= MIN_MEAN[kind], (kind, {c: acc[c] for c in cs})
     assert acc["van gogh"] >= 2 / 3
     assert min(acc.values()) >= 1 / 3, {c: a for c, a in acc.items() if a < 1 / 3}  # every concept is drawn
@@ -63,4 +62,4 @@ def test_forget_van_gogh(tmp_path):
     assert drop <= 0.10, {c: (base[c], after[c]) for c in kept}
 
 
-MIN_MEAN = {"style": 0.9, "object": 0.9, "colour": 0.9}  # measured: 99.7%, 99.3%, 99.9% (python evaluate.py --combinations)
+MIN_MEAN = {"style": 0.9, "object": 0.9, "colour": 0.9}  # measured: 99.7%, 99.3%, 99.9% (python -m toy.evaluate --combinations)

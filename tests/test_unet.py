@@ -8,10 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
+from tests.common import TINY_UNET as TINY
+from tests.common import unet_from_diffusers as ours_from_diffusers
 from unet import UNet, UNetConfig, diffusers_key_map, timestep_embedding
 
-TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                  num_heads=2, context_dim=16, norm_groups=8)
 # SD v1's shape (4 levels, 2 res blocks, attention at the first 3), small widths
 SMALL_SD = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
                       num_heads=4, context_dim=24, norm_groups=8)
@@ -43,16 +43,6 @@ def randomize_(model, seed):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
-
-
-def ours_from_diffusers(cfg, ref):
-    """Our UNet holding the diffusers model's tensors (shared storage, no copy)."""
-    sd = ref.state_dict()
-    converted = {ours: sd[theirs] for ours, theirs in diffusers_key_map(cfg).items()}
-    with torch.device("meta"):
-        model = UNet(cfg)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval()
 
 
 def inputs(cfg, size, batch=2, tokens=7, seed=0):
@@ -118,6 +108,16 @@ def test_full_size_manifest():
     assert key_map["middle_block.1.proj_in.weight"] == "mid_block.attentions.0.proj_in.weight"
 
 
+def record_attn2(model):
+    """Forward pre-hooks on every attn2 and its to_out: the layer's inputs (x, context) and A^l,
+    the attention output before to_out (what duge.AttentionRecorder reads). -> (inputs, outputs, handles)"""
+    inputs_, outputs, handles = [], [], []
+    for _, m in model.cross_attentions():
+        handles.append(m.register_forward_pre_hook(lambda mod, args: inputs_.append(args)))
+        handles.append(m.to_out.register_forward_pre_hook(lambda mod, args: outputs.append(args[0])))
+    return inputs_, outputs, handles
+
+
 def test_cross_attentions_and_record_hook():
     cfg = SMALL_SD
     model = random_unet(cfg)
@@ -128,37 +128,38 @@ def test_cross_attentions_and_record_hook():
         attns = model.cross_attentions()
         n_st = 2 * 3 + 1 + 3 * 3                            # input, middle, output transformers
         assert len(attns) == n_st and all(name.endswith("transformer_blocks.0.attn2") for name, _ in attns)
-        records = []
-        for _, m in attns:
-            m.record = []
-            records.append(m.record)
+        ins, records, handles = record_attn2(model)
         recorded = model(x, t, context)
         assert torch.equal(recorded, plain)                 # recording does not change the output
-        assert all(len(r) == 1 for r in records)
+        assert len(records) == n_st and len(ins) == n_st    # one record per layer
 
         # forward order: the number of pixels goes down then up, as in the UNet
-        sizes = [r[0].shape for r in records]
+        sizes = [r.shape for r in records]
         expected = ([(2, 256, 32)] * 2 + [(2, 64, 64)] * 2 + [(2, 16, 128)] * 2 + [(2, 4, 128)]
                     + [(2, 16, 128)] * 3 + [(2, 64, 64)] * 3 + [(2, 256, 32)] * 3)
         assert sizes == expected
 
-        for (_, m), r in zip(attns, records):
-            r.clear()
-            m.record_probs = True
-        with_probs = model(x, t, context)
-        torch.testing.assert_close(with_probs, plain, atol=1e-5, rtol=1e-5)
-        for (_, m), r, size in zip(attns, records, sizes):
-            out, probs = r[0]
+        for (_, m), (h, ctx), out, size in zip(attns, ins, records, sizes):
             B, N, C = size
+            assert torch.equal(ctx, context)                # attn2 reads the text
+            split = lambda y: y.reshape(B, -1, m.heads, C // m.heads).transpose(1, 2)  # (B, H, L, D)
+            q, k, v = split(m.to_q(h)), split(m.to_k(ctx)), split(m.to_v(ctx))
+            probs = (q @ k.transpose(-1, -2) / (C // m.heads) ** 0.5).softmax(-1)
             assert probs.shape == (B, m.heads, N, context.shape[1])
             torch.testing.assert_close(probs.sum(-1), torch.ones(B, m.heads, N), atol=1e-5, rtol=0)
             assert (probs >= 0).all()
             # the recorded output is the probabilities applied to the values, heads concatenated
-            v = m.to_v(context).reshape(B, -1, m.heads, C // m.heads).transpose(1, 2)
             torch.testing.assert_close(out, (probs @ v).transpose(1, 2).reshape(B, N, C), atol=1e-5, rtol=1e-5)
 
-        for _, m in attns:
-            m.record, m.record_probs = None, False
+        for _, m in model.named_modules():                  # the spelled-out path gives the same UNet
+            if hasattr(m, "fused"):
+                m.fused = False
+        torch.testing.assert_close(model(x, t, context), plain, atol=1e-5, rtol=1e-5)
+        for _, m in model.named_modules():
+            if hasattr(m, "fused"):
+                m.fused = True
+        for h in handles:
+            h.remove()
         assert torch.equal(model(x, t, context), plain)
 
 
@@ -167,9 +168,10 @@ def test_record_keeps_gradients():
     model = random_unet(TINY)
     x, t, context = inputs(TINY, 8)
     name, attn2 = model.cross_attentions()[0]
-    attn2.record = []
+    record = []
+    attn2.to_out.register_forward_pre_hook(lambda mod, args: record.append(args[0]))
     model(x, t, context)
-    attn2.record[0].pow(2).mean().backward()
+    record[0].pow(2).mean().backward()
     assert attn2.to_v.weight.grad is not None and attn2.to_v.weight.grad.abs().sum() > 0
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vae
+from tests.common import vae_from_diffusers as ours_from_diffusers
 
 SD = vae.VAEConfig()
 TINY = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)      # f = 2
@@ -33,14 +34,6 @@ def perturb_(model, seed):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
             else:
                 p.add_(0.05 * noise if name.endswith("bias") else 0.1 * p.std() * noise)
-
-
-def ours_from_diffusers(cfg, ref):
-    inverse = {d: k for k, d in vae.diffusers_key_map(cfg).items()}
-    sd = {inverse[k]: vae.from_diffusers_tensor(k, t) for k, t in ref.state_dict().items()}
-    model = vae.VAE(cfg)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
 
 
 def check_parity(cfg, image_hw, seed=0):

@@ -1,8 +1,8 @@
 """Measuring unlearning in the toy world: what the model still draws, scored by the toy classifier.
 
-    python evaluate.py --weights out/forget-van-gogh.safetensors      # table of every concept
+    python -m toy.evaluate --weights out/forget-van-gogh.safetensors      # table of every concept
 
-For every concept of the evaluation set (each style, shape and colour of toyworld.py) we draw
+For every concept of the evaluation set (each style, shape and colour of toy/world.py) we draw
 images from fixed prompts and seeds and ask the classifier whether the concept is in them:
   - forget accuracy FA: on the concepts in the ledger (UA = 1 - FA; lower FA is better);
   - retained accuracy, in-domain: the other concepts of the same kind as a forgotten one
@@ -15,15 +15,16 @@ with the toy classifier in place of ResNet-50.
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
-import classifier
 import sample
-import toyworld
+from toy import classifier, world
 
 EVAL_STEPS, EVAL_GUIDANCE = 20, None  # guidance None: the checkpoint's own default
 
@@ -31,11 +32,11 @@ EVAL_STEPS, EVAL_GUIDANCE = 20, None  # guidance None: the checkpoint's own defa
 def eval_prompts(concept, n):
     """n fixed prompts naming the concept, cycling through the other attributes, and the
     classifier head that must recognise it."""
-    kind = toyworld.concept_kind(concept)
+    kind = world.concept_kind(concept)
     out = []
     for i in range(n):
-        shape = toyworld.SHAPES[i % len(toyworld.SHAPES)]
-        colour = toyworld.COLOURS[(i * 3) % len(toyworld.COLOURS)]
+        shape = world.SHAPES[i % len(world.SHAPES)]
+        colour = world.COLOURS[(i * 3) % len(world.COLOURS)]
         if kind == "style":
             out.append(f"a {colour} {shape} in the style of {concept}")
         elif kind == "object":
@@ -43,15 +44,15 @@ def eval_prompts(concept, n):
         else:
             out.append(f"a {concept} {shape}")
     head = {"style": "style", "object": "shape", "colour": "colour"}[kind]
-    return [toyworld._articles(p) for p in out], head
+    return [world._articles(p) for p in out], head
 
 
 def concepts():
-    return toyworld.STYLES + toyworld.SHAPES + toyworld.COLOURS
+    return world.STYLES + world.SHAPES + world.COLOURS
 
 
 @torch.no_grad()
-def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=64):
+def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=64, desc="evaluation"):
     """concept -> fraction of its n images in which the classifier finds it."""
     names = names or concepts()
     clf = classifier.load_classifier()
@@ -62,7 +63,7 @@ def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUI
         prompts += p
         heads += [h] * n
     hits = []
-    for i in range(0, len(prompts), batch):
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
         images = sample.generate(model, prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i)
         pred = classifier.classify(images * 2 - 1, clf)  # generate gives [0, 1], the classifier [-1, 1]
         hits += [pred[h][j] == names[(i + j) // n] for j, h in enumerate(heads[i:i + batch])]
@@ -74,10 +75,10 @@ def combinations(model, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=
                  colours=None):
     """The base model's quality: one image for every style x shape x colour prompt ("photo" is the
     prompt without a style), scored on all three heads. -> (per-head accuracy, per-concept accuracy)."""
-    styles = styles or toyworld.STYLE_LABELS
-    shapes, colours = shapes or toyworld.SHAPES, colours or toyworld.COLOURS
+    styles = styles or world.STYLE_LABELS
+    shapes, colours = shapes or world.SHAPES, colours or world.COLOURS
     combos = [(st, sh, co) for st in styles for sh in shapes for co in colours]
-    prompt = lambda st, sh, co: toyworld._articles(f"a {co} {sh}" + ("" if st == toyworld.PHOTO else f" in the style of {st}"))
+    prompt = lambda st, sh, co: world._articles(f"a {co} {sh}" + ("" if st == world.PHOTO else f" in the style of {st}"))
     clf = classifier.load_classifier()
     guidance = model.guidance if guidance is None else guidance
     right = {"style": [], "shape": [], "colour": []}
@@ -100,10 +101,10 @@ def combinations(model, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=
 
 def summarise(acc, base, forgotten):
     """Group accuracies as in the paper: forgotten, retained in-domain, retained cross-domain."""
-    kinds = {toyworld.concept_kind(c) for c in forgotten}
+    kinds = {world.concept_kind(c) for c in forgotten}
     groups = {"forgotten": [c for c in acc if c in forgotten],
-              "retained_in_domain": [c for c in acc if c not in forgotten and toyworld.concept_kind(c) in kinds],
-              "retained_cross_domain": [c for c in acc if c not in forgotten and toyworld.concept_kind(c) not in kinds]}
+              "retained_in_domain": [c for c in acc if c not in forgotten and world.concept_kind(c) in kinds],
+              "retained_cross_domain": [c for c in acc if c not in forgotten and world.concept_kind(c) not in kinds]}
     mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
     out = {}
     for g, cs in groups.items():
@@ -122,7 +123,7 @@ def table(acc_by_model, forgotten=()):
     lines = ["| concept | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for c in first:
         mark = " (forgotten)" if c in forgotten else ""
-        lines.append(f"| {c}{mark} | {toyworld.concept_kind(c)} | " +
+        lines.append(f"| {c}{mark} | {world.concept_kind(c)} | " +
                      " | ".join(f"{100 * acc_by_model[m][c]:.0f}%" for m in cols) + " |")
     return "\n".join(lines)
 
@@ -133,11 +134,32 @@ def write_csv(acc_by_model, path):
     cols = list(acc_by_model)
     w.writerow(["concept", "kind"] + cols)
     for c in acc_by_model[cols[0]]:
-        w.writerow([c, toyworld.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols])
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
+        w.writerow([c, world.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols])
+    with checkpoint.atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def report(model, phi0, gone, n, md_path, csv_path, base_file):
+    """After a request (train.py): accuracy of every concept under phi_0 (cached in base_file) and
+    now; writes the markdown and CSV tables, prints the summary. -> {"eval", "summary"}"""
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+    else:
+        with phi0.applied():
+            base = accuracy(model, n=n, desc="evaluation: phi_0")
+        with checkpoint.atomic_path(base_file) as tmp:
+            tmp.write_text(json.dumps(base))
+    after = accuracy(model, n=n, desc="evaluation: after")
+    summary = summarise(after, base, gone)
+    md = table({"base": base, "after": after}, forgotten=gone)
+    md += "\n\n" + "\n".join(f"- {k}: {100 * v:.1f}%" for k, v in summary.items())
+    with checkpoint.atomic_path(md_path) as tmp:
+        tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
+    write_csv({"base": base, "after": after}, csv_path)
+    pct = lambda k: f"{100 * summary[k]:.0f}% (base {100 * summary[k + '_base']:.0f}%)"
+    print(f"  forgotten {pct('forgotten')}, retained in-domain {pct('retained_in_domain')}, "
+          f"cross-domain {pct('retained_cross_domain')}", file=sys.stderr)
+    return {"eval": after, "summary": summary}
 
 
 def main(argv=None):
@@ -160,14 +182,14 @@ def main(argv=None):
         print("| head | accuracy |\n|---|---|\n" + "\n".join(f"| {h} | {100 * a:.1f}% |" for h, a in per_head.items()))
         print("\n| concept | head | accuracy |\n|---|---|---|")
         for c, a in per_concept.items():
-            head = "style" if c in toyworld.STYLE_LABELS else "shape" if c in toyworld.SHAPES else "colour"
+            head = "style" if c in world.STYLE_LABELS else "shape" if c in world.SHAPES else "colour"
             print(f"| {c} | {head} | {100 * a:.0f}% |")
         print(f"\nlowest concept: {min(per_concept, key=per_concept.get)} {100 * min(per_concept.values()):.0f}%")
         return 0
     acc = accuracy(model, n=args.n, seed=args.seed, steps=args.steps)
     print(table({os.path.basename(args.weights): acc}))
     for kind in ("style", "object", "colour"):
-        cs = [c for c in acc if toyworld.concept_kind(c) == kind]
+        cs = [c for c in acc if world.concept_kind(c) == kind]
         print(f"mean {kind}: {100 * sum(acc[c] for c in cs) / len(cs):.1f}%  min: "
               f"{100 * min(acc[c] for c in cs):.0f}%")
     if args.csv:

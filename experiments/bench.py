@@ -1,7 +1,7 @@
 """Benchmarks: how fast our UNet runs next to diffusers', and how much memory a DUGE step costs.
 
-    python bench.py speed  [--threads N] [--repeats R]   # UNet forward and one guided DDIM step
-    python bench.py memory [--threads N]                 # peak memory: DUGE step vs plain fine-tuning
+    python -m experiments.bench speed  [--threads N] [--repeats R]   # UNet forward and one guided DDIM step
+    python -m experiments.bench memory [--threads N]                 # peak memory: DUGE step vs plain fine-tuning
 
 Benchmarks are not tests: they print RATIOS against a reference measured in the same run, on
 the same machine, so a busy or slow machine shifts both sides alike.
@@ -12,10 +12,10 @@ the same machine, so a busy or slow machine shifts both sides alike.
   DDIMScheduler configured as CompVis (Song et al. 2021; Ho & Salimans 2022 for the guidance).
 - memory: one step of duge.losses (theta call on 3 images, phi_0 call on 2 with the original
   tensors swapped in) against one plain diffusion-loss step on 3 images, and against a naive
-  phi_0 that deep-copies the UNet, as ESD (Gandikota et al. 2023) and Concept Ablation
-  (Kumari et al. 2023) hold a frozen second model.
+  phi_0 that deep-copies the UNet, as ESD's code (Gandikota et al. 2023) holds a frozen second
+  model. (Concept Ablation's code, Kumari et al. 2023, takes its target from the same UNet.)
 
-Every measured model runs in its own subprocess (`python bench.py _one ...`), so each peak is that
+Every measured model runs in its own subprocess (`python -m experiments.bench _one ...`), so each peak is that
 process's alone: on CPU the growth of its resident set (max RSS), with the high-water mark reset
 after the weights are built so a construction transient does not count; on CUDA
 torch.cuda.max_memory_allocated. diffusers is a reference, as in tests/: it is imported only here,
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import checkpoint
 import duge
 import sample
-from unet import UNet, UNetConfig, diffusers_key_map
+from tests.common import unet_from_diffusers
+from unet import UNet, UNetConfig
 
 SD = UNetConfig()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -131,16 +132,6 @@ def diffusers_sd_unet():
     return UNet2DConditionModel.from_config(checkpoint.unet_config_to_diffusers(SD, 64)).eval()
 
 
-def ours_from_diffusers(ref):
-    """Our UNet holding the diffusers model's tensors (strict load, shared storage: no copy)."""
-    sd = ref.state_dict()
-    with torch.device("meta"):
-        unet = UNet(SD)
-    unet.load_state_dict({ours: sd[theirs] for ours, theirs in diffusers_key_map(SD).items()},
-                         strict=True, assign=True)
-    return unet.eval()
-
-
 def random_sd_unet(seed=0):
     """Our full-size UNet with random weights everywhere. CompVis zero-inits the last conv of every
     block, which would make every gradient reaching attn2 exactly zero; fill those too."""
@@ -154,8 +145,9 @@ def random_sd_unet(seed=0):
 
 
 class CopiedOriginal:
-    """The naive phi_0: a deep copy of the whole UNet, frozen. Its attn2 outputs are sent into the
-    record lists that duge.AttentionRecorder opens on the live UNet, so duge.losses runs unchanged."""
+    """The naive phi_0: a deep copy of the whole UNet, frozen. The forward pre-hooks that
+    duge.AttentionRecorder puts on the live UNet's attn2.to_out are shared with the copy's, so
+    duge.losses records A^l from it and runs unchanged."""
 
     def __init__(self, unet):
         self.unet = unet
@@ -164,14 +156,15 @@ class CopiedOriginal:
 
     @torch.no_grad()
     def __call__(self, x, t, context):
-        pairs = list(zip(self.unet.cross_attentions(), self.copy.cross_attentions()))
-        for (_, live), (_, frozen) in pairs:
-            frozen.record = live.record
+        pairs = [(live.to_out, frozen.to_out) for (_, live), (_, frozen)
+                 in zip(self.unet.cross_attentions(), self.copy.cross_attentions())]
+        for live, frozen in pairs:
+            frozen._forward_pre_hooks = live._forward_pre_hooks
         try:
             return self.copy(x, t, context)
         finally:
-            for _, (_, frozen) in pairs:
-                frozen.record = None
+            for _, frozen in pairs:
+                frozen._forward_pre_hooks = type(frozen._forward_pre_hooks)()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,7 +186,7 @@ def run_speed_one(impl, dtype_name, size, repeats, warmup, device, out_path):
     base = memory_now(device)
     ref = diffusers_sd_unet()
     if impl == "ours":
-        model = ours_from_diffusers(ref)
+        model = unet_from_diffusers(SD, ref)
         del ref
     else:
         model = ref
@@ -298,11 +291,11 @@ def run_step_one(variant, device):
 # The parent: runs the subprocesses and prints the tables
 
 def child(args, *extra):
-    """Run `python bench.py _one ...` and return the JSON dict it prints on its last line."""
-    cmd = [sys.executable, os.path.abspath(__file__), "_one", *map(str, extra),
+    """Run `python -m experiments.bench _one ...` and return the JSON dict it prints on its last line."""
+    cmd = [sys.executable, "-m", "experiments.bench", "_one", *map(str, extra),
            "--threads", str(args.threads), "--device", args.device]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=checkpoint.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"subprocess failed: {' '.join(cmd)}")

@@ -1,6 +1,6 @@
-"""Train the toy text-to-image model from scratch on the procedural toy world (toyworld.py).
+"""Train the toy text-to-image model from scratch on the procedural toy world (toy/world.py).
 
-    python train_toy.py --threads 1     # writes weights/toy_sd.safetensors (about an hour on one CPU core)
+    python -m toy.train --threads 1     # writes weights/toy_sd.safetensors (about an hour on one CPU core)
 
 The toy model is Stable Diffusion v1 in miniature: the SAME classes (clip_text.TextEncoder,
 unet.UNet, vae.VAE) at small configurations, stored in the same CompVis single-file layout, so
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import checkpoint
 import sample
-import toyworld
+from toy import world
 from clip_text import TextConfig, TextEncoder, Tokenizer
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -48,7 +48,7 @@ def train_vae(vae, steps, batch, lr, seed, log):
     vae.train()
     bar = tqdm(range(steps), desc="vae")
     for step in bar:
-        x, _, _ = toyworld.sample_batch(batch, seed * 1_000_003 + step)           # (B, 3, 64, 64) in [-1, 1]
+        x, _, _ = world.sample_batch(batch, seed * 1_000_003 + step)           # (B, 3, 64, 64) in [-1, 1]
         mean, logvar = vae.posterior(x)                                            # (B, 4, 16, 16) each
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         rec = vae.decoder(vae.post_quant_conv(z))
@@ -66,7 +66,7 @@ def train_vae(vae, steps, batch, lr, seed, log):
 @torch.no_grad()
 def latent_scale(vae, seed, n=512):
     """SD's 0.18215 was chosen so latents have unit variance; we measure ours the same way."""
-    x, _, _ = toyworld.sample_batch(n, seed)
+    x, _, _ = world.sample_batch(n, seed)
     mean, _ = vae.posterior(x)
     return 1.0 / mean.std().item()
 
@@ -78,7 +78,7 @@ def encode_dataset(vae, n, seed, batch=250):
     afresh at every step from the labels, so the model still sees every phrasing."""
     means, stds, labels = [], [], {"shape": [], "colour": [], "style": []}
     for i in tqdm(range(0, n, batch), desc="encode"):
-        x, _, lab = toyworld.sample_batch(min(batch, n - i), seed * 1_000_003 + i)
+        x, _, lab = world.sample_batch(min(batch, n - i), seed * 1_000_003 + i)
         mean, logvar = vae.posterior(x)
         means.append(mean), stds.append((0.5 * logvar).exp())
         for k in labels:
@@ -103,7 +103,7 @@ def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_e
         idx = torch.randint(0, len(means), (batch,), generator=g)
         z0 = scale * (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g))   # (B, 4, 16, 16)
         caps = ["" if rng.random() < p_uncond else
-                toyworld.caption(labels["shape"][i], labels["colour"][i], labels["style"][i], rng) for i in idx.tolist()]
+                world.caption(labels["shape"][i], labels["colour"][i], labels["style"][i], rng) for i in idx.tolist()]
         t = torch.randint(0, sample.NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         ctx = model.text_encoder(model.tokenizer(caps))                               # (B, 77, 128)
@@ -186,7 +186,7 @@ def main():
         checkpoint.save(model, args.out, format="compvis", dtype=torch.float16)
         print(f"wrote {args.out} in {(time.time() - t0) / 60:.1f} min")
         return
-    merges = toyworld.train_bpe(toyworld.corpus(), args.merges)
+    merges = world.train_bpe(world.corpus(), args.merges)
     tok = Tokenizer(merges)
     text = TextEncoder(TextConfig(vocab_size=tok.vocab_size, max_length=77, width=TOY_TEXT_WIDTH,
                                   layers=TOY_TEXT_LAYERS, heads=TOY_TEXT_HEADS))

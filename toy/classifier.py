@@ -5,15 +5,15 @@ accuracy, erosion), the way the DUGE evaluation scores Stable Diffusion's images
 ImageNet ResNet-50. A small CNN, four stride-2 convolutions (64 -> 4 pixels) and a shared
 hidden layer, with one linear head per concept kind.
 
-It is trained on images drawn fresh from the generator at every step (toyworld.sample_batch),
+It is trained on images drawn fresh from the generator at every step (world.sample_batch),
 so it never sees the same image twice and cannot overfit. Light augmentation (noise, blur,
 small colour shifts) makes it tolerant of the slightly soft, slightly off images a small
 diffusion model produces.
 
-Images go in as float tensors (B, 3, 64, 64) in [-1, 1]: the range of toyworld.to_tensor and
+Images go in as float tensors (B, 3, 64, 64) in [-1, 1]: the range of world.to_tensor and
 of VAE.decode (values outside are clamped).
 
-    python classifier.py --out weights/toy_classifier.safetensors
+    python -m toy.classifier --out weights/toy_classifier.safetensors
 """
 
 import argparse
@@ -31,9 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import toyworld
+from checkpoint import atomic_path
+from toy import world
 
-DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy_classifier.safetensors")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+DEFAULT_PATH = os.path.join(ROOT, "weights", "toy_classifier.safetensors")
 HEADS = ("shape", "colour", "style")
 TRAIN_SEED = 0  # the generator stream the shipped weights were trained on
 HELDOUT_SEED = 20_250_317  # held-out images for the accuracy check; never used in training
@@ -46,7 +48,7 @@ class ClassifierConfig:
 
 
 def _labels() -> dict[str, list[str]]:
-    return {"shape": toyworld.SHAPES, "colour": toyworld.COLOURS, "style": toyworld.STYLE_LABELS}
+    return {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLE_LABELS}
 
 
 class ConceptClassifier(nn.Module):
@@ -113,7 +115,7 @@ def train_classifier(out: str = DEFAULT_PATH, steps: int = 1000, batch: int = 12
     model.train()
     bar = tqdm(range(steps), desc="classifier")
     for step in bar:
-        images, _, names = toyworld.sample_batch(batch, rng)  # fresh images every step
+        images, _, names = world.sample_batch(batch, rng)  # fresh images every step
         logits = model(augment(images, gen))
         targets = _targets(labels, names)
         loss = sum(F.cross_entropy(logits[h], targets[h]) for h in HEADS)
@@ -133,9 +135,8 @@ def save_classifier(model: ConceptClassifier, path: str) -> None:
     meta = {"config": json.dumps(asdict(model.cfg)), "labels": json.dumps(model.labels)}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written file under the real name
+        save_file(state, str(tmp), metadata=meta)
 
 
 def load_classifier(path: str = DEFAULT_PATH) -> ConceptClassifier:
@@ -168,7 +169,7 @@ def heldout_accuracy(model: ConceptClassifier | None = None, n: int = 400, seed:
     correct = {h: 0 for h in HEADS}
     rng = np.random.default_rng(seed)
     for start in range(0, n, 100):
-        images, _, names = toyworld.sample_batch(min(100, n - start), rng)
+        images, _, names = world.sample_batch(min(100, n - start), rng)
         pred = classify(images, model)
         for h in HEADS:
             correct[h] += sum(p == t for p, t in zip(pred[h], names[h]))

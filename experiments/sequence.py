@@ -1,8 +1,8 @@
 """Continual unlearning experiments in the toy world: a sequence of requests, with and without
 each DUGE term, and what the model remembers after every step.
 
-    python sequence.py                                   # van gogh -> monet -> picasso -> star
-    python sequence.py --forget "van gogh,munch,seurat" --variants full,no_reg
+    python -m experiments.sequence                                   # van gogh -> monet -> picasso -> star
+    python -m experiments.sequence --forget "van gogh,munch,seurat" --variants full,no_reg
 
 For each variant (full DUGE; R_pr off; L_pr off; ...) it runs train.py request after request, each
 on the previous output, and records after every step: the forget accuracy of every concept in the
@@ -13,11 +13,11 @@ docs/sequence.png (retained accuracy over the steps).
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import checkpoint
+import sample
 import train
 
 VARIANTS = {
@@ -60,8 +60,9 @@ def write_outputs(rows, concepts, docs):
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) if c in ("variant", "step", "concept") else
                                        pct(r.get(c)) for c in cols) + " |")
-    (docs / "sequence.md").write_text("\n".join(lines) + "\n")
-    with open(docs / "sequence.csv", "w", newline="") as fh:
+    with checkpoint.atomic_path(docs / "sequence.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    with checkpoint.atomic_path(docs / "sequence.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -92,9 +93,7 @@ def plot(rows, path):
         d.line([(x(r["step"]), y(r["forgotten_mean"])) for r in rs], fill=colours[i % len(colours)], width=1)
         d.text((W - m - 150, m + 14 * i), f"{v}: retained (thick), forgotten (thin)", fill=colours[i % len(colours)])
     d.text((m, 10), "accuracy after each request", fill="black")
-    tmp = str(path) + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    sample.save_image(img, path)
 
 
 def main():
