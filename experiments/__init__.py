@@ -1,0 +1,1 @@
+"""Uses of the library: experiments (sequences of requests) and benchmarks."""

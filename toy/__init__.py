@@ -1,0 +1,1 @@
+"""The toy world: procedural concepts, its classifier, the toy model's training and evaluation."""
