@@ -52,7 +52,7 @@ class DugeConfig:
     trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor
     replay: bool = True       # replay the ledger's concepts in L_U
     num_related: int = 3      # related concepts R_k protected by L_pr
-    prompts: int = 8          # prompts per concept
+    num_prompts: int = 8      # prompts per concept
     images_per_prompt: int = 2
     memory: int = 24          # generic prompts in the memory M
     seed: int = 0

@@ -15,6 +15,7 @@ References
   timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -132,6 +133,13 @@ def encode_prompts(model, prompts):
     return model.text_encoder(model.tokenizer(prompts).to(p.device))
 
 
+def check_numbers(guidance, eta):
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+
+
 @torch.no_grad()
 def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", eta=0.0,
              height=None, width=None, negative="", latents=None, dtype=None, progress=False,
@@ -150,8 +158,11 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     timestep_grid(steps)  # validates steps
-    height = height or model.image_size
-    width = width or model.image_size
+    check_numbers(guidance, eta)
+    height = model.image_size if height is None else height
+    width = model.image_size if width is None else width
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
     f = model.vae.downscale
     if height % f or width % f:
         raise ValueError(f"image size {height}x{width} must be divisible by {f} (the VAE's downscale)")
@@ -236,25 +247,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def main(argv=None):
     import checkpoint
     ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 model "
-                                             "(the toy model in weights/ by default).")
+                                             "(the toy model in weights/ by default).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("prompt", nargs="*", help="one or more prompts; each gives one row of the grid")
     ap.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
-    ap.add_argument("--weights", default=None, help="CompVis .safetensors/.ckpt file or diffusers folder "
-                                                    f"(default: {checkpoint.TOY_WEIGHTS})")
+    ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS),
+                    help="CompVis .safetensors/.ckpt file or diffusers folder")
     ap.add_argument("-n", type=int, default=4, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own, "
-                                                                 "7.5 for SD v1)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=50, help="sampler steps")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (None: the model's own, "
+                                                                 "7.5 for SD v1, 3 for the toy model)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     ap.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    ap.add_argument("--eta", type=float, default=0.0)
-    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (None: the model's)")
     ap.add_argument("--negative", default="", help="negative prompt (replaces the empty unconditional prompt)")
-    ap.add_argument("--out", default="out.png")
+    ap.add_argument("--out", default="out/sample.png", help="the grid (PNG)")
     ap.add_argument("--separate", action="store_true", help="also write one PNG per image")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (default: fp32 "
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (None: fp32 "
                                                                           "on CPU, fp16 on GPU)")
-    ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: autodetect)")
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (None: autodetect)")
     args = ap.parse_args(argv)
     try:
         prompts = list(args.prompt)
@@ -262,14 +274,17 @@ def main(argv=None):
             with open(args.prompts, encoding="utf-8") as fh:
                 prompts += [line.strip() for line in fh if line.strip()]
         if not prompts:
-            prompts = ["a red circle in the style of van gogh"] if args.weights is None else []
-        if not prompts:
-            raise ValueError("no prompt given: pass a prompt or --prompts FILE")
+            raise ValueError('no prompt given: pass one, e.g. python sample.py "a red circle in the style of '
+                             'van gogh", or --prompts FILE')
         if args.n < 1:
             raise ValueError(f"-n must be at least 1, got {args.n}")
+        if args.size is not None and args.size < 1:
+            raise ValueError(f"--size must be positive, got {args.size}")
+        check_numbers(args.guidance if args.guidance is not None else 1.0, args.eta)
+        checkpoint.check_writable(args.out)  # before any work
         device = pick_device(args.device)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
-        model = checkpoint.load(args.weights or checkpoint.TOY_WEIGHTS, device=device, dtype=dtype)
+        model = checkpoint.load(args.weights, device=device, dtype=dtype)
         guidance = args.guidance if args.guidance is not None else model.guidance
         rows = []
         for k, p in enumerate(prompts):
@@ -280,6 +295,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(make_grid(rows, labels=prompts), args.out)
     if args.separate:
         stem, _ = os.path.splitext(args.out)

@@ -20,11 +20,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +42,10 @@ import sample
 
 class UserError(Exception):
     """Bad input: printed as one line, no traceback, nothing written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, after the resume point was written; the message says where to resume."""
 
 
 def slug(text):
@@ -144,9 +150,9 @@ def load_phi0(model, ledger, args):
 def prepare(model, phi0, world, plan, cfg, args, folder):
     """The recipe's concepts -> prompts -> phi_0's images -> the `data` dict duge.unlearn trains on."""
     prompts = lambda c, n: world.prompts(c, world.kind(c), n, exclude=plan.exclude)
-    pairs = [(p, concepts.anchor_prompt(p, c, a)) for c, a in plan.unlearn for p in prompts(c, cfg.prompts)]
+    pairs = [(p, concepts.anchor_prompt(p, c, a)) for c, a in plan.unlearn for p in prompts(c, cfg.num_prompts)]
     targets, anchors = [p for p, _ in pairs], [a for _, a in pairs]
-    related = [p for r in plan.related for p in prompts(r, cfg.prompts)]
+    related = [p for r in plan.related for p in prompts(r, cfg.num_prompts)]
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(cfg.memory, exclude=plan.exclude)
 
     k = cfg.images_per_prompt
@@ -160,7 +166,7 @@ def prepare(model, phi0, world, plan, cfg, args, folder):
             "related": {"x": torch.cat([x_r, x_a]), "c": torch.cat([enc(related), c_a])},
             "memory": {"x": x_m, "c": enc(memory)}}
     dev = next(model.unet.parameters()).device
-    return {g: {n: v.to(dev) for n, v in d.items()} for g, d in data.items()}, targets
+    return {g: {n: v.to(dev) for n, v in d.items()} for g, d in data.items()}, pairs
 
 
 def nearest_by_text(model, concept, k):
@@ -172,16 +178,43 @@ def nearest_by_text(model, concept, k):
     return lambda pool: concepts.related_concepts(embed, concept, pool, k)
 
 
-def before_after_grid(model, phi_prev, prompts, path, args):
-    """Rows: prompts; columns: two images before the request, then the same seeds after."""
-    rows = []
-    for p in tqdm(prompts, desc="before/after grid", unit="prompt"):
+def grid_rows(world, plan, concept):
+    """(prompt, label) rows of the before/after grid: two prompts of this request's concept, one of
+    a replayed earlier concept, one of each of two related concepts."""
+    prompts = lambda c, n: world.prompts(c, world.kind(c), n, exclude=plan.exclude)
+    rows = [(p, f"{p}   (forgotten now)") for p in prompts(concept, 2)]
+    rows += [(p, f"{p}   (replayed: forgotten earlier)") for c, _ in plan.unlearn[:-1][-1:] for p in prompts(c, 1)]
+    return rows + [(p, f"{p}   (related: kept)") for r in plan.related[:2] for p in prompts(r, 1)]
+
+
+def before_after_grid(model, phi_prev, rows, path, args):
+    """One row per prompt: two images before the request, then the same seeds after."""
+    images = []
+    for p, _ in tqdm(rows, desc="before/after grid", unit="prompt"):
         draw = lambda: sample.generate(model, [p] * 2, steps=args.gen_steps, guidance=args.guidance,
                                        height=args.size, width=args.size)
         with phi_prev.applied():
             before = draw()
-        rows.append(torch.cat([before, draw()]))
-    sample.save_image(sample.make_grid(rows, labels=[f"{p}   (before | after)" for p in prompts]), path)
+        images.append(torch.cat([before, draw()]))
+    sample.save_image(sample.make_grid(images, labels=[f"{label}   before | after" for _, label in rows]), path)
+
+
+@contextmanager
+def stop_between_steps():
+    """While training, Ctrl-C / SIGTERM finish the current step first, so the resume point written
+    then is exact (a second signal stops at once). -> a list that is non-empty once asked."""
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def check_concepts(requested, ledger):
@@ -201,7 +234,7 @@ def run_request(model, world, concept, cfg, args, out):
     paths = output_paths(out)
     paths["model"].parent.mkdir(parents=True, exist_ok=True)
     kind = args.kind if args.kind != "auto" else world.kind(concept)
-    anchor = args.anchor if args.anchor is not None else ""
+    anchor = args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
 
@@ -213,27 +246,35 @@ def run_request(model, world, concept, cfg, args, out):
     print(f"request {len(ledger['steps']) + 1}: forget '{concept}' (kind {kind}, anchor '{anchor}')", file=sys.stderr)
     plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest_by_text(model, concept, cfg.num_related),
                        retain=retain, replay=cfg.replay)
-    data, targets = prepare(model, phi0, world, plan, cfg, args, folder)
+    data, _ = prepare(model, phi0, world, plan, cfg, args, folder)
     print(f"  related concepts kept: {', '.join(plan.related) or '-'}; {len(data['anchor']['x'])} anchor, "
           f"{len(data['related']['x'])} related, {len(data['memory']['x'])} memory images", file=sys.stderr)
 
-    # resume point: the trained tensors and the optimizer, written every 50 steps
-    start, opt_state = 0, None
-    if args.resume and paths["resume"].exists():
-        start, opt_state = load_resume(paths["resume"], model.unet, concept)
-        print(f"  resuming at step {start}", file=sys.stderr)
+    # resume point: the trained tensors and the optimizer, written every 50 steps, at the end of
+    # training (so an interrupted evaluation does not cost the training) and on Ctrl-C / SIGTERM
+    start, opt_state, last = 0, None, {}
+    if args.resume:
+        if not paths["resume"].exists():
+            print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
+        else:
+            start, opt_state, last = load_resume(paths["resume"], model.unet, concept)
+            print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
 
-    def on_step(step, logs, opt):
-        if (step + 1) % 50 == 0 and step + 1 < cfg.steps:
-            save_resume(paths["resume"], model.unet, names, opt, concept, step + 1)
+    with stop_between_steps() as asked:
+        def on_step(step, logs, opt):
+            done = step + 1
+            if asked or done % 50 == 0 or done == cfg.steps:
+                save_resume(paths["resume"], model.unet, names, opt, concept, done, logs)
+            if asked:
+                raise Interrupted(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the same "
+                                  f"command with --resume to continue from step {done}")
+        try:
+            history = duge.unlearn(model.unet, phi0, data, cfg, start_step=start, optimizer_state=opt_state,
+                                   on_step=on_step)
+        except FloatingPointError as e:
+            raise UserError(str(e)) from None
 
-    try:
-        history = duge.unlearn(model.unet, phi0, data, cfg, start_step=start, optimizer_state=opt_state,
-                               on_step=on_step)
-    except FloatingPointError as e:
-        raise UserError(str(e)) from None
-
-    metrics = {"seconds_train": round(time.time() - t0, 1), "final_losses": history[-1] if history else {}}
+    metrics = {"seconds_train": round(time.time() - t0, 1), "final_losses": history[-1] if history else last}
     if is_toy(model) and not args.no_eval:
         from toy import evaluate
         metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
@@ -244,24 +285,24 @@ def run_request(model, world, concept, cfg, args, out):
             "metrics": metrics, "delta": paths["delta"].name}
     ledger["steps"].append(step)
     model.meta["duge.ledger"] = json.dumps(ledger)
+    before_after_grid(model, phi_prev, grid_rows(world, plan, concept), paths["grid"], args)
     delta = {**trained_tensors(model.unet, names), **{f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}}
     write_safetensors(paths["delta"], delta, {"duge.ledger": model.meta["duge.ledger"]})
-    checkpoint.save(model, paths["model"], format=model.format)
+    checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file comes last
     model.source = str(paths["model"])
-    shown = targets[:2] + [p for r in plan.related[:2] for p in world.prompts(r, world.kind(r), 1)]
-    before_after_grid(model, phi_prev, shown, paths["grid"], args)
     paths["resume"].unlink(missing_ok=True)
     print(f"  wrote {paths['model']}, {paths['delta'].name}, {paths['grid'].name} "
           f"({time.time() - t0:.0f} s)", file=sys.stderr)
     return metrics
 
 
-def save_resume(path, unet, names, opt, concept, step):
+def save_resume(path, unet, names, opt, concept, step, logs):
     tensors = trained_tensors(unet, names)
     state = opt.state_dict()
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in s.items()})
-    meta = {"concept": concept, "step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    meta = {"concept": concept, "step": str(step), "param_groups": json.dumps(state["param_groups"]),
+            "losses": json.dumps(logs)}
     write_safetensors(path, tensors, meta)
 
 
@@ -280,7 +321,7 @@ def load_resume(path, unet, concept):
             elif k.startswith("opt."):
                 _, i, name = k.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
-    return int(meta["step"]), {"state": state, "param_groups": json.loads(meta["param_groups"])}
+    return int(meta["step"]), {"state": state, "param_groups": json.loads(meta["param_groups"])}, json.loads(meta["losses"])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -288,21 +329,23 @@ def load_resume(path, unet, concept):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Forget concepts from a Stable Diffusion v1 model with DUGE "
-                                             "(the toy model in weights/ by default).")
+                                             "(the toy model in weights/ by default).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--forget", action="append", required=True, metavar="CONCEPT",
                     help="concept to forget; repeat for several requests in a row")
-    ap.add_argument("--weights", default=None, help=f"input model (default: {checkpoint.TOY_WEIGHTS})")
-    ap.add_argument("--kind", default="auto", choices=["auto", "style", "object", "colour", "other"])
-    ap.add_argument("--anchor", default=None, help="what the concept becomes (default: nothing, so "
-                                                   "'a painting in the style of X' -> 'a painting')")
+    ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS), help="input model")
+    ap.add_argument("--kind", default="auto", choices=["auto", "style", "object", "colour", "other"],
+                    help="the concept's kind (auto: looked up among the known concepts)")
+    ap.add_argument("--anchor", default="", help="what the concept becomes ('': nothing, so "
+                                                 "'a painting in the style of X' -> 'a painting')")
     ap.add_argument("--retain", default=None, help="comma-separated related concepts to protect "
-                                                   "(default: the nearest by text embedding)")
+                                                   "(None: the nearest by text embedding)")
 
     def config_flag(name, help, **kw):  # a duge.DugeConfig field; its default comes from the preset
         toy, sd = (getattr(duge.PRESETS[p], name) for p in ("toy", "sd"))
         default = f"{toy}" if toy == sd else f"{toy} on the toy model, {sd} on SD"
-        ap.add_argument("--" + name.replace("_", "-"), default=None, help=f"{help} (default: {default})",
-                        **({"type": type(toy)} | kw))
+        ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
+                        help=f"{help} (default: {default})", **({"type": type(toy)} | kw))
     config_flag("steps", "training steps")
     config_flag("lr", "AdamW learning rate")
     config_flag("batch", "images per loss group per step")
@@ -311,31 +354,63 @@ def parse_args(argv=None):
     config_flag("gamma", "L2 pull to the original tensors")
     config_flag("trainable", "trained tensors", choices=["kv", "attn2"])
     config_flag("num_related", "related concepts protected by L_pr")
-    config_flag("prompts", "prompts per concept")
+    config_flag("num_prompts", "prompts per concept")
     config_flag("images_per_prompt", "images per prompt")
     config_flag("memory", "generic prompts in the memory")
     config_flag("seed", "seed of the training draws")
-    ap.add_argument("--no-replay", dest="replay", action="store_false", default=None,
+    ap.add_argument("--no-replay", dest="replay", action="store_false", default=argparse.SUPPRESS,
                     help="ablation: do not replay earlier concepts in L_U")
     ap.add_argument("--gen-steps", type=int, default=20, help="DDIM steps for the training images")
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (default: the model's)")
-    ap.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (None: the model's)")
+    ap.add_argument("--size", type=int, default=None, help="image size (None: the model's)")
     ap.add_argument("--eval-n", type=int, default=16, help="images per concept in the toy evaluation")
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--out", default=None, help="output model (default: out/forget-<concepts>.safetensors)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the toy evaluation")
+    ap.add_argument("--out", default=None, help="output model (None: out/forget-<concepts>.safetensors)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output model")
     ap.add_argument("--base", default=None, help="the original model, if the last delta file is not at hand")
     ap.add_argument("--cache", default="cache", help="folder for phi_0's images")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default="fp32", choices=sorted(sample.DTYPES))
+    ap.add_argument("--device", default=None, help="cpu, cuda or mps (None: autodetect)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(sample.DTYPES), help="compute dtype")
+    ap.add_argument("--save-dtype", default=None, choices=sorted(sample.DTYPES),
+                    help="dtype of the written model (None: the input's)")
     return ap.parse_args(argv)
 
 
 def config(args, toy):
-    """The preset of the model (toy or SD) with the flags given on the command line."""
+    """The preset of the model (toy or SD) with the flags given on the command line, checked."""
     fields = [f.name for f in dataclasses.fields(duge.DugeConfig)]
-    given = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
-    return dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **given)
+    cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **{k: getattr(args, k) for k in fields
+                                                                       if hasattr(args, k)})
+    checks = {"steps": 1, "lr": 0, "batch": 1, "num_prompts": 1, "images_per_prompt": 1, "eval_n": 1,
+              "gen_steps": 1, "size": 1, "lambda_pr": 0, "lambda_reg": 0, "gamma": 0, "num_related": 0, "memory": 0}
+    for k, low in checks.items():
+        v = getattr(cfg, k) if hasattr(cfg, k) else getattr(args, k)
+        if v is not None and not (math.isfinite(v) and (v > 0 if k == "lr" else v >= low)):
+            raise UserError(f"--{k.replace('_', '-')} {v}: must be {'positive' if k == 'lr' or low else 'at least 0'}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UserError(f"--guidance {args.guidance}: must be a finite number")
+    return cfg
+
+
+def output_models(args, model):
+    """The output model of each request, checked before any work."""
+    gone, outs = forgotten(read_ledger(model)), []
+    for i, concept in enumerate(args.forget):
+        if args.out and i == len(args.forget) - 1:
+            out = Path(args.out)
+        else:
+            name = "forget-" + slug("-".join(gone + args.forget[:i + 1]))
+            out = (Path(args.out).parent if args.out else Path("out")) / name
+            if model.format == "compvis":
+                out = out.with_name(out.name + ".safetensors")
+        if model.format == "compvis" and out.suffix != ".safetensors":
+            raise UserError(f"--out {out}: a single-file model must end in .safetensors")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        checkpoint.check_writable(out)
+        outs.append(out)
+    return outs
 
 
 def main(argv=None):
@@ -343,34 +418,23 @@ def main(argv=None):
     try:
         args.forget = [c.strip().lower() for c in args.forget]
         device = sample.pick_device(args.device)
-        model = checkpoint.load(args.weights or checkpoint.TOY_WEIGHTS, device=device,
-                                dtype=sample.DTYPES[args.dtype])
+        model = checkpoint.load(args.weights, device=device, dtype=None)  # the file's own dtype...
+        args.save_dtype = sample.DTYPES[args.save_dtype] if args.save_dtype else next(model.unet.parameters()).dtype
+        model.to(dtype=sample.DTYPES[args.dtype])                          # ...and the compute dtype
         cfg = config(args, is_toy(model))
         world = concept_source(model, cfg.seed)
         args.guidance = args.guidance or model.guidance
-        gone = forgotten(read_ledger(model))
         check_concepts(args.forget, read_ledger(model))
-        outs = []
-        for i, concept in enumerate(args.forget):
-            if args.out and i == len(args.forget) - 1:
-                out = Path(args.out)
-            else:
-                name = "forget-" + slug("-".join(gone + args.forget[:i + 1]))
-                out = Path(args.out).parent / name if args.out else Path("out") / name
-                if model.format == "compvis":
-                    out = out.with_name(out.name + ".safetensors")
-            if model.format == "compvis" and out.suffix != ".safetensors":
-                raise UserError(f"--out {out}: a single-file model must end in .safetensors")
-            checkpoint.check_writable(out)
-            outs.append(out)
-        for concept, out in zip(args.forget, outs):
+        for concept in args.forget:
+            world.kind(concept)  # an unknown toy-world concept fails here, before any work
+        for concept, out in zip(args.forget, output_models(args, model)):
             run_request(model, world, concept, cfg, args, out)
     except (UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished requests are saved; rerun with --resume to continue the current one",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted: finished requests are saved; rerun the same command "
+              "with --resume to continue the current one", file=sys.stderr)
         return 130
     return 0
 

@@ -36,7 +36,9 @@ def run_variant(name, concepts, extra, outdir, common):
         out = outdir / name / f"step{k}-{train.slug(c)}.safetensors"
         argv = ["--forget", c, "--weights", weights, "--out", str(out), *common, *VARIANTS[name], *extra]
         print(f"[{name}] request {k}: {c}", file=sys.stderr)
-        if train.main(argv) != 0:
+        if out.exists():  # done by an earlier run of this command: resume after it
+            print(f"  {out} exists: kept", file=sys.stderr)
+        elif train.main(argv + ["--resume"]) != 0:
             raise SystemExit(f"{name}: request {k} ({c}) failed")
         ledger = json.loads(checkpoint.load(out).meta["duge.ledger"])
         m = ledger["steps"][-1]["metrics"]

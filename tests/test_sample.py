@@ -187,7 +187,10 @@ def test_generate_rejects_bad_input(tiny_sd):
     _, model = tiny_sd
     for kwargs, words in [({"prompts": []}, "no prompt"), ({"steps": 0}, "steps must be"),
                           ({"steps": 1001}, "steps must be"), ({"height": 15}, "divisible by 2"),
-                          ({"width": 17, "height": 16}, "divisible"), ({"sampler": "euler"}, "unknown sampler 'euler'")]:
+                          ({"width": 17, "height": 16}, "divisible"), ({"sampler": "euler"}, "unknown sampler 'euler'"),
+                          ({"guidance": float("nan")}, "guidance must be a finite number, got nan"),
+                          ({"guidance": float("inf")}, "guidance must be a finite number"),
+                          ({"eta": float("nan")}, "eta must be"), ({"height": 0}, "image size must be positive")]:
         with pytest.raises(ValueError, match=words):
             sample.generate(model, **{"prompts": ["a cat"], **kwargs})
 
@@ -212,4 +215,26 @@ def test_cli_errors_are_one_line(tiny_sd, tmp_path):
     assert lines == ["error: steps must be between 1 and 1000, got 0"]
     lines = run("a cat", "--weights", str(weights), "--sampler", "euler")  # argparse: usage, then the error
     assert lines[0].startswith("usage: ") and lines[-1].startswith("sample.py: error: argument --sampler: invalid choice")
-    assert not list(tmp_path.glob("*.png"))
+    assert run("a cat", "--weights", str(weights), "--guidance", "nan") == ["error: guidance must be a finite number, got nan"]
+    assert run("a cat", "--weights", str(weights), "--size", "0") == ["error: --size must be positive, got 0"]
+    (tmp_path / "afile").write_text("")  # an output folder that cannot exist: refused before any work
+    assert run("a cat", "--weights", str(weights), "--out", str(tmp_path / "afile" / "o.png"))[0].startswith(
+        "error: cannot write to")
+    assert run() == ['error: no prompt given: pass one, e.g. python sample.py "a red circle in the style of van gogh", '
+                     'or --prompts FILE']
+    assert not list(tmp_path.rglob("*.png")) and not (tmp_path / "out").exists()
+
+
+def test_cli_help_shows_defaults_and_writes_under_out(tiny_sd, tmp_path):
+    import subprocess
+    import sys
+
+    import checkpoint
+    weights = checkpoint.save(tiny_sd[1], tmp_path / "tiny.safetensors")
+    script = str(checkpoint.ROOT / "sample.py")
+    text = " ".join(subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout.split())
+    assert "sampler steps (default: 50)" in text and "(default: out/sample.png)" in text
+    r = subprocess.run([sys.executable, script, "a cat", "--weights", str(weights), "-n", "1", "--steps", "2",
+                        "--size", "16"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "sample.png").stat().st_mode & 0o777 == 0o644

@@ -63,3 +63,11 @@ def test_forget_van_gogh(tmp_path):
 
 
 MIN_MEAN = {"style": 0.9, "object": 0.9, "colour": 0.9}  # measured: 99.7%, 99.3%, 99.9% (python -m toy.evaluate --combinations)
+
+
+def test_evaluate_cli_refuses_bad_counts():
+    for flags, message in ((["-n", "0"], "error: -n must be at least 1, got 0"),
+                           (["--steps", "0"], "error: steps must be between 1 and 1000, got 0")):
+        r = subprocess.run([sys.executable, "-m", "toy.evaluate", *flags], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr

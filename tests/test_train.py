@@ -37,7 +37,7 @@ def run(*args, cwd):
                           timeout=900)
 
 
-FAST = ["--steps", "2", "--prompts", "1", "--images-per-prompt", "1", "--memory", "2", "--gen-steps", "2",
+FAST = ["--steps", "2", "--num-prompts", "1", "--images-per-prompt", "1", "--memory", "2", "--gen-steps", "2",
         "--num-related", "1", "--batch", "1"]
 
 
@@ -136,3 +136,136 @@ def test_real_sd_path_full_size(tmp_path):
     missing, unexpected = unet.load_state_dict(converted, strict=True), None
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     assert torch.equal(unet.state_dict()[name], sd["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"])
+
+
+# -----------------------------------------------------------------------------------------------
+# Interruptions, bad numbers, existing outputs, dtype and modes, help (the reliability issue)
+
+def test_recorder_exit_never_masks_an_interrupt():
+    """Ctrl-C inside a UNet forward must reach the caller as KeyboardInterrupt, not as an error of
+    the recorder that reads A^l of a forward that never finished."""
+    import duge
+    from tests.common import TINY_UNET
+    unet = UNet(TINY_UNET)
+    _, attn = unet.cross_attentions()[1]
+    def ctrl_c(module, args):
+        raise KeyboardInterrupt
+    attn.register_forward_pre_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with duge.AttentionRecorder(unet) as rec:
+            unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 16))
+    assert rec.outputs[0] is not None and rec.outputs[1] is None
+
+
+def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """A real SIGINT at step 5: the step finishes, the resume point is written at step 5, exit 130
+    with a one-line message naming it, no model; --resume ends with an uninterrupted run's tensors."""
+    import signal
+    import duge
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "12", "--cache", str(tmp_path / "cache")]
+    assert train.main(args + ["--out", str(tmp_path / "full.safetensors")]) == 0
+
+    losses, calls = duge.losses, []
+    def losses_then_sigint(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives inside step 5 (index 4)
+        return losses(*a, **k)
+    monkeypatch.setattr(duge, "losses", losses_then_sigint)
+    out = tmp_path / "cut.safetensors"
+    capsys.readouterr()
+    assert train.main(args + ["--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopped after step 5 of 12" in err and "--resume" in err, err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "cut.resume.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "5"
+
+    monkeypatch.setattr(duge, "losses", losses)
+    assert train.main(args + ["--out", str(out), "--resume"]) == 0
+    assert "resuming at step 5 of 12" in capsys.readouterr().err
+    full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (tmp_path / "full.safetensors", out))
+    assert all(torch.equal(full[n], cut[n]) for n in full)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps 0: must be positive"),
+    (["--steps", "-5"], "--steps -5: must be positive"),
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be positive"),
+    (["--batch", "0"], "--batch 0"),
+    (["--num-prompts", "0"], "--num-prompts 0"),
+    (["--images-per-prompt", "0"], "--images-per-prompt 0"),
+    (["--eval-n", "0"], "--eval-n 0"),
+    (["--size", "0"], "--size 0"),
+    (["--lambda-pr", "-1"], "--lambda-pr -1.0: must be at least 0"),
+    (["--guidance", "inf"], "--guidance inf: must be a finite number"),
+    (["--forget", "banana"], "choose a style (van gogh, munch"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    import train
+    out = tmp_path / "o.safetensors"
+    weights = ["--weights", str(tiny_sd(tmp_path / "m.safetensors"))] if flags[0] != "--forget" else []
+    assert train.main(["--forget", "van gogh", *weights, "--out", str(out), "--cache", str(tmp_path / "c"),
+                       *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == (["m.safetensors"] if weights else [])
+
+
+def test_existing_output_needs_overwrite_and_dtype_and_mode_are_kept(tmp_path, capsys):
+    """An fp16 input gives an fp16 model (not fp32), files are 0644, and a second run onto the same
+    output is refused without --overwrite."""
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    half = tmp_path / "half.safetensors"
+    checkpoint.save(checkpoint.load(w), half, dtype=torch.float16)
+    out = tmp_path / "o.safetensors"
+    args = ["--forget", "van gogh", "--weights", str(half), "--out", str(out), *FAST, "--cache", str(tmp_path / "c")]
+    assert train.main(args) == 0
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(str(out)).values()} == {torch.float16}
+    assert out.stat().st_size < 0.6 * (tmp_path / "m.safetensors").stat().st_size
+    for f in (out, tmp_path / "o.delta.safetensors", tmp_path / "o.grid.png"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert train.main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert train.main(args + ["--overwrite", "--save-dtype", "fp32"]) == 0
+    assert {v.dtype for v in load_file(str(out)).values()} == {torch.float32}
+
+
+def test_grid_of_a_later_request_shows_this_concept(tmp_path):
+    import duge
+    import train
+    from toy.concepts import ToyConcepts
+    world = ToyConcepts(0)
+    ledger = {"steps": [{"concept": "van gogh", "anchor": "", "kind": "style", "retain": []}]}
+    plan = duge.recipe(ledger, "monet", "", "style", world.candidates, lambda pool: pool[:2])
+    rows = train.grid_rows(world, plan, "monet")
+    assert all("monet" in p and "forgotten now" in label for p, label in rows[:2])
+    assert "van gogh" in rows[2][0] and "replayed" in rows[2][1]
+    assert [label.endswith("(related: kept)") for _, label in rows[3:]] == [True, True]
+
+
+def test_help_shows_defaults():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    text = " ".join(r.stdout.split())
+    for expected in ("training steps (default: 200)", "AdamW learning rate (default: 0.001 on the toy model, 1e-05 on SD)",
+                     "(default: 16)", "--num-prompts", "(default: cache)"):
+        assert expected in text, expected
+
+
+def test_every_long_phase_shows_a_progress_bar(tmp_path):
+    w = tiny_sd(tmp_path / "m.safetensors")
+    r = run("--forget", "van gogh", "--weights", str(w), "--out", str(tmp_path / "o.safetensors"), *FAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for bar in ("phi_0 images: anchor", "phi_0 images: related", "phi_0 images: memory", "unlearning",
+                "before/after grid"):
+        assert f"{bar}: 100%" in r.stderr, bar

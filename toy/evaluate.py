@@ -163,18 +163,24 @@ def report(model, phi0, gone, n, md_path, csv_path, base_file):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Score a toy-world model: accuracy per concept.")
+    ap = argparse.ArgumentParser(description="Score a toy-world model: accuracy per concept.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS))
     ap.add_argument("-n", type=int, default=8, help="images per concept")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=EVAL_STEPS)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    ap.add_argument("--steps", type=int, default=EVAL_STEPS, help="DDIM steps")
     ap.add_argument("--csv", default=None, help="also write the table as CSV")
     ap.add_argument("--combinations", action="store_true",
                     help="score one image of every style x shape x colour prompt on all three heads")
     args = ap.parse_args(argv)
     try:
+        if args.n < 1:
+            raise ValueError(f"-n must be at least 1, got {args.n}")
+        sample.timestep_grid(args.steps)  # validates --steps
+        if args.csv:
+            checkpoint.check_writable(args.csv)
         model = checkpoint.load(args.weights)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.combinations:

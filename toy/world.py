@@ -81,7 +81,8 @@ def concept_kind(name: str) -> str:
         return "object"
     if name in COLOURS:
         return "colour"
-    raise ValueError(f"{name!r} is not a toy-world concept (photo is the unstyled background)")
+    raise ValueError(f"{name!r} is not a toy-world concept; choose a style ({', '.join(STYLES)}), a shape "
+                     f"({', '.join(SHAPES)}) or a colour ({', '.join(COLOURS)})")
 
 
 # ------------------------------------------------------------------------------------------
