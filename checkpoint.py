@@ -98,6 +98,28 @@ def _remove(p):
         p.unlink()
 
 
+def save_training_state(path, tensors, optimizer, meta):
+    """A resume point: named tensors, an optimizer's state and string metadata, in one
+    safetensors file (no pickle: the optimizer's per-parameter tensors are stored by index)."""
+    state = optimizer.state_dict()
+    tensors = dict(tensors)
+    for i, s in state["state"].items():
+        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in s.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**meta, "param_groups": json.dumps(state["param_groups"])})
+
+
+def load_training_state(path):
+    """-> (tensors without the optimizer's, optimizer state dict, metadata)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = {}
+    for k in [k for k in tensors if k.startswith("opt.")]:
+        _, i, name = k.split(".", 2)
+        state.setdefault(int(i), {})[name] = tensors.pop(k)
+    return tensors, {"state": state, "param_groups": json.loads(meta["param_groups"])}, meta
+
+
 def check_writable(path):
     """Fail before any work if the output folder cannot be made or written (nothing is created)."""
     folder = Path(path).resolve().parent

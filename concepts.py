@@ -14,6 +14,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from sample import encode_prompts
+
 # -----------------------------------------------------------------------------------------------
 # Anchors
 
@@ -57,6 +59,15 @@ def related_concepts(embed, concept, candidates, k, template="{}"):
     e = F.normalize(embed([template.format(c) for c in [concept] + others]).float(), dim=-1)
     sims = e[1:] @ e[0]
     return [others[i] for i in sims.argsort(descending=True)[:k].tolist()]
+
+
+def nearest_by_text(model, concept, k):
+    """nearest(pool) for duge.recipe: the k concepts of pool closest to `concept` in the model's
+    own text embedding (model: a checkpoint.StableDiffusion)."""
+    device = next(model.text_encoder.parameters()).device
+    embed = lambda ps: eot_embedding(encode_prompts(model, ps), model.tokenizer(ps).to(device),
+                                              model.tokenizer.eot_id)
+    return lambda pool: related_concepts(embed, concept, pool, k)
 
 
 # -----------------------------------------------------------------------------------------------

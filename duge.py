@@ -57,6 +57,14 @@ class DugeConfig:
     memory: int = 24          # generic prompts in the memory M
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuse settings that would train nothing, or nonsense, in one line."""
+        for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
+                          ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0)):
+            v = getattr(self, name)
+            if not (v == v and abs(v) != float("inf") and (v > 0 if low is None else v >= low)):
+                raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
+
 
 PRESETS = {"toy": DugeConfig(), "sd": DugeConfig(lr=1e-5)}
 

@@ -15,9 +15,12 @@ References
   timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -189,8 +192,38 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def generate_cached(model, prompts, per_prompt, folder, desc="images", **kwargs):
+    """Latents x_0 for each prompt (per_prompt seeds each, generate(..., decode=False)), cached in
+    `folder` by prompt and settings: name the folder after the model, as train.py does."""
+    from safetensors.torch import load_file, save_file
+
+    from checkpoint import atomic_path
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in tqdm(prompts, desc=desc, unit="prompt"):
+        key = json.dumps([p, per_prompt, sorted(kwargs.items())])
+        f = Path(folder) / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.safetensors"
+        if not f.exists():
+            with atomic_path(f) as tmp:
+                save_file({"latents": generate(model, [p] * per_prompt, decode=False, **kwargs).cpu().contiguous()},
+                          str(tmp), metadata={"prompt": p})
+        out.append(load_file(str(f))["latents"])
+    return torch.cat(out)
+
+
 # -----------------------------------------------------------------------------------------------
 # Image grids (also used by train.py and evaluate.py for before/after pictures).
+
+def before_after(model, before, prompts, n=2, **kwargs):
+    """For each prompt, n images with the model as it was (inside the context manager `before()`)
+    then the same seeds with the model as it is: one grid row (2n, 3, H, W) per prompt."""
+    rows = []
+    for p in tqdm(prompts, desc="before/after grid", unit="prompt"):
+        with before():
+            old = generate(model, [p] * n, **kwargs)
+        rows.append(torch.cat([old, generate(model, [p] * n, **kwargs)]))
+    return rows
+
 
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> list of PIL images."""

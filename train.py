@@ -30,9 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 import checkpoint
 import concepts
@@ -75,43 +73,16 @@ def forgotten(ledger):
     return [s["concept"] for s in ledger["steps"]]
 
 
-# -----------------------------------------------------------------------------------------------
-# Images of the original model, cached on disk (they only depend on phi_0 and the prompt)
-
 def fingerprint(model, phi0):
+    """Names the cache folder of phi_0's images: a hash of phi_0's tensors and of one other."""
     h = hashlib.sha1()
-    for k in sorted(phi0.tensors):
-        h.update(k.encode())
-        h.update(phi0.tensors[k].float().cpu().numpy().tobytes())
-    h.update(model.unet.input_blocks[0][0].weight.detach().float().cpu().numpy().tobytes())
+    for k, v in sorted(phi0.tensors.items()) + [("conv_in", model.unet.input_blocks[0][0].weight)]:
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def original_latents(model, phi0, prompts, per_prompt, args, folder, what):
-    """Latents x_0 drawn by phi_0 for each prompt (per_prompt seeds each), cached per prompt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for p in tqdm(prompts, desc=f"phi_0 images: {what}", unit="prompt"):
-        key = hashlib.sha1(json.dumps([p, per_prompt, args.gen_steps, args.guidance, args.size]).encode()).hexdigest()[:20]
-        f = folder / f"{key}.safetensors"
-        if f.exists():
-            out.append(load_file(str(f))["latents"])
-            continue
-        with phi0.applied():
-            lat = sample.generate(model, [p] * per_prompt, steps=args.gen_steps, guidance=args.guidance,
-                                  height=args.size, width=args.size, decode=False)
-        write_safetensors(f, {"latents": lat.cpu().contiguous()}, {"prompt": p})
-        out.append(lat.cpu())
-    return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------------------------
 # Outputs
-
-def write_safetensors(path, tensors, meta):
-    with checkpoint.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
 
 def output_paths(out):
     out = Path(out)
@@ -156,9 +127,10 @@ def prepare(model, phi0, world, plan, cfg, args, folder):
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(cfg.memory, exclude=plan.exclude)
 
     k = cfg.images_per_prompt
-    x_a = original_latents(model, phi0, anchors, k, args, folder, "anchor")
-    x_r = original_latents(model, phi0, related, k, args, folder, "related")
-    x_m = original_latents(model, phi0, memory, k, args, folder, "memory")
+    with phi0.applied():  # x_0 drawn by the original model, cached per prompt
+        x_a, x_r, x_m = (sample.generate_cached(model, ps, k, folder, desc=f"phi_0 images: {what}", steps=args.gen_steps,
+                                                guidance=args.guidance, height=args.size, width=args.size)
+                         for ps, what in ((anchors, "anchor"), (related, "related"), (memory, "memory")))
     enc = lambda ps: sample.encode_prompts(model, [p for p in ps for _ in range(k)])
     c_a = enc(anchors)
     data = {"anchor": {"x": x_a, "c_target": enc(targets), "c_anchor": c_a},
@@ -166,16 +138,7 @@ def prepare(model, phi0, world, plan, cfg, args, folder):
             "related": {"x": torch.cat([x_r, x_a]), "c": torch.cat([enc(related), c_a])},
             "memory": {"x": x_m, "c": enc(memory)}}
     dev = next(model.unet.parameters()).device
-    return {g: {n: v.to(dev) for n, v in d.items()} for g, d in data.items()}, pairs
-
-
-def nearest_by_text(model, concept, k):
-    """nearest(pool) for duge.recipe: the k concepts of pool closest to `concept` in the model's
-    own text embedding."""
-    device = next(model.text_encoder.parameters()).device
-    embed = lambda ps: concepts.eot_embedding(sample.encode_prompts(model, ps), model.tokenizer(ps).to(device),
-                                              model.tokenizer.eot_id)
-    return lambda pool: concepts.related_concepts(embed, concept, pool, k)
+    return {g: {n: v.to(dev) for n, v in d.items()} for g, d in data.items()}
 
 
 def grid_rows(world, plan, concept):
@@ -185,18 +148,6 @@ def grid_rows(world, plan, concept):
     rows = [(p, f"{p}   (forgotten now)") for p in prompts(concept, 2)]
     rows += [(p, f"{p}   (replayed: forgotten earlier)") for c, _ in plan.unlearn[:-1][-1:] for p in prompts(c, 1)]
     return rows + [(p, f"{p}   (related: kept)") for r in plan.related[:2] for p in prompts(r, 1)]
-
-
-def before_after_grid(model, phi_prev, rows, path, args):
-    """One row per prompt: two images before the request, then the same seeds after."""
-    images = []
-    for p, _ in tqdm(rows, desc="before/after grid", unit="prompt"):
-        draw = lambda: sample.generate(model, [p] * 2, steps=args.gen_steps, guidance=args.guidance,
-                                       height=args.size, width=args.size)
-        with phi_prev.applied():
-            before = draw()
-        images.append(torch.cat([before, draw()]))
-    sample.save_image(sample.make_grid(images, labels=[f"{label}   before | after" for _, label in rows]), path)
 
 
 @contextmanager
@@ -217,24 +168,11 @@ def stop_between_steps():
             signal.signal(s, h)
 
 
-def check_concepts(requested, ledger):
-    done = forgotten(ledger)
-    for i, concept in enumerate(requested):
-        if not concept:
-            raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
-        if concept in done:
-            raise UserError(f"'{concept}' is already forgotten by this model (request {done.index(concept) + 1} "
-                            "of its ledger); nothing to do")
-        if concept in requested[:i]:
-            raise UserError(f"'{concept}' is given twice with --forget")
-
-
 def run_request(model, world, concept, cfg, args, out):
     ledger = read_ledger(model)
     paths = output_paths(out)
     paths["model"].parent.mkdir(parents=True, exist_ok=True)
-    kind = args.kind if args.kind != "auto" else world.kind(concept)
-    anchor = args.anchor
+    kind, anchor = (args.kind if args.kind != "auto" else world.kind(concept)), args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
 
@@ -244,9 +182,9 @@ def run_request(model, world, concept, cfg, args, out):
     named = dict(model.unet.named_parameters())
     phi_prev = duge.Original(model.unet, {n: named[n] for n in names})  # the model as it came in
     print(f"request {len(ledger['steps']) + 1}: forget '{concept}' (kind {kind}, anchor '{anchor}')", file=sys.stderr)
-    plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest_by_text(model, concept, cfg.num_related),
-                       retain=retain, replay=cfg.replay)
-    data, _ = prepare(model, phi0, world, plan, cfg, args, folder)
+    nearest = concepts.nearest_by_text(model, concept, cfg.num_related)
+    plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest, retain=retain, replay=cfg.replay)
+    data = prepare(model, phi0, world, plan, cfg, args, folder)
     print(f"  related concepts kept: {', '.join(plan.related) or '-'}; {len(data['anchor']['x'])} anchor, "
           f"{len(data['related']['x'])} related, {len(data['memory']['x'])} memory images", file=sys.stderr)
 
@@ -285,9 +223,13 @@ def run_request(model, world, concept, cfg, args, out):
             "metrics": metrics, "delta": paths["delta"].name}
     ledger["steps"].append(step)
     model.meta["duge.ledger"] = json.dumps(ledger)
-    before_after_grid(model, phi_prev, grid_rows(world, plan, concept), paths["grid"], args)
+    rows = grid_rows(world, plan, concept)
+    grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], steps=args.gen_steps,
+                               guidance=args.guidance, height=args.size, width=args.size)
+    sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]), paths["grid"])
     delta = {**trained_tensors(model.unet, names), **{f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}}
-    write_safetensors(paths["delta"], delta, {"duge.ledger": model.meta["duge.ledger"]})
+    with checkpoint.atomic_path(paths["delta"]) as tmp:
+        save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
     checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file comes last
     model.source = str(paths["model"])
     paths["resume"].unlink(missing_ok=True)
@@ -297,35 +239,30 @@ def run_request(model, world, concept, cfg, args, out):
 
 
 def save_resume(path, unet, names, opt, concept, step, logs):
-    tensors = trained_tensors(unet, names)
-    state = opt.state_dict()
-    for i, s in state["state"].items():
-        tensors.update({f"opt.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in s.items()})
-    meta = {"concept": concept, "step": str(step), "param_groups": json.dumps(state["param_groups"]),
-            "losses": json.dumps(logs)}
-    write_safetensors(path, tensors, meta)
+    meta = {"concept": concept, "step": str(step), "losses": json.dumps(logs)}
+    checkpoint.save_training_state(path, trained_tensors(unet, names), opt, meta)
 
 
 def load_resume(path, unet, concept):
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, opt_state, meta = checkpoint.load_training_state(path)
     if meta["concept"] != concept:
         raise UserError(f"{path} is a resume point for '{meta['concept']}', not '{concept}'; delete it or drop --resume")
     named = dict(unet.named_parameters())
-    state = {}
     with torch.no_grad():
         for k, v in tensors.items():
-            if k.startswith("theta."):
-                named[k.removeprefix("theta.")].copy_(v)
-            elif k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-    return int(meta["step"]), {"state": state, "param_groups": json.loads(meta["param_groups"])}, json.loads(meta["losses"])
+            named[k.removeprefix("theta.")].copy_(v)
+    return int(meta["step"]), opt_state, json.loads(meta["losses"])
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
+
+CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": "images per loss group per step",
+               "lambda_pr": "weight of L_pr", "lambda_reg": "weight of R_pr", "gamma": "L2 pull to the original tensors",
+               "trainable": "trained tensors", "num_related": "related concepts protected by L_pr",
+               "num_prompts": "prompts per concept", "images_per_prompt": "images per prompt",
+               "memory": "generic prompts in the memory", "seed": "seed of the training draws"}
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Forget concepts from a Stable Diffusion v1 model with DUGE "
@@ -346,18 +283,8 @@ def parse_args(argv=None):
         default = f"{toy}" if toy == sd else f"{toy} on the toy model, {sd} on SD"
         ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
                         help=f"{help} (default: {default})", **({"type": type(toy)} | kw))
-    config_flag("steps", "training steps")
-    config_flag("lr", "AdamW learning rate")
-    config_flag("batch", "images per loss group per step")
-    config_flag("lambda_pr", "weight of L_pr")
-    config_flag("lambda_reg", "weight of R_pr")
-    config_flag("gamma", "L2 pull to the original tensors")
-    config_flag("trainable", "trained tensors", choices=["kv", "attn2"])
-    config_flag("num_related", "related concepts protected by L_pr")
-    config_flag("num_prompts", "prompts per concept")
-    config_flag("images_per_prompt", "images per prompt")
-    config_flag("memory", "generic prompts in the memory")
-    config_flag("seed", "seed of the training draws")
+    for name, help in CONFIG_HELP.items():
+        config_flag(name, help, **({"choices": ["kv", "attn2"]} if name == "trainable" else {}))
     ap.add_argument("--no-replay", dest="replay", action="store_false", default=argparse.SUPPRESS,
                     help="ablation: do not replay earlier concepts in L_U")
     ap.add_argument("--gen-steps", type=int, default=20, help="DDIM steps for the training images")
@@ -382,21 +309,26 @@ def config(args, toy):
     fields = [f.name for f in dataclasses.fields(duge.DugeConfig)]
     cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **{k: getattr(args, k) for k in fields
                                                                        if hasattr(args, k)})
-    checks = {"steps": 1, "lr": 0, "batch": 1, "num_prompts": 1, "images_per_prompt": 1, "eval_n": 1,
-              "gen_steps": 1, "size": 1, "lambda_pr": 0, "lambda_reg": 0, "gamma": 0, "num_related": 0, "memory": 0}
-    for k, low in checks.items():
-        v = getattr(cfg, k) if hasattr(cfg, k) else getattr(args, k)
-        if v is not None and not (math.isfinite(v) and (v > 0 if k == "lr" else v >= low)):
-            raise UserError(f"--{k.replace('_', '-')} {v}: must be {'positive' if k == 'lr' or low else 'at least 0'}")
+    for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} {v}: must be positive")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UserError(f"--guidance {args.guidance}: must be a finite number")
     return cfg
 
 
-def output_models(args, model):
-    """The output model of each request, checked before any work."""
+def output_models(args, model, world):
+    """The requests and the output model of each, checked before any work."""
     gone, outs = forgotten(read_ledger(model)), []
     for i, concept in enumerate(args.forget):
+        if not concept:
+            raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
+        if concept in gone:
+            raise UserError(f"'{concept}' is already forgotten by this model (request {gone.index(concept) + 1} "
+                            "of its ledger); nothing to do")
+        if concept in args.forget[:i]:
+            raise UserError(f"'{concept}' is given twice with --forget")
+        world.kind(concept)  # an unknown toy-world concept fails here
         if args.out and i == len(args.forget) - 1:
             out = Path(args.out)
         else:
@@ -424,10 +356,7 @@ def main(argv=None):
         cfg = config(args, is_toy(model))
         world = concept_source(model, cfg.seed)
         args.guidance = args.guidance or model.guidance
-        check_concepts(args.forget, read_ledger(model))
-        for concept in args.forget:
-            world.kind(concept)  # an unknown toy-world concept fails here, before any work
-        for concept, out in zip(args.forget, output_models(args, model)):
+        for concept, out in zip(args.forget, output_models(args, model, world)):
             run_request(model, world, concept, cfg, args, out)
     except (UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -83,6 +83,50 @@ def test_losses_values_at_the_start():
     assert all(p.grad is None for n, p in named.items() if n not in names)
 
 
+def test_total_is_the_weighted_sum_and_every_target_is_frozen():
+    """Off the start (theta != phi_0): the total is L_U + lambda_pr L_pr + lambda_reg R_pr with two
+    different lambdas, and each term equals its formula computed by hand, with L_U's and R_pr's
+    targets from phi_0 (not theta) and L_pr's from the noise."""
+    import torch.nn.functional as F
+
+    import sample
+    u = tiny_unet().requires_grad_(False)
+    named = dict(u.named_parameters())
+    names = duge.trainable_names(u, "kv")
+    phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n in names:
+            named[n].add_(0.05 * torch.randn(named[n].shape, generator=g))
+    params = {n: named[n].requires_grad_(True) for n in names}
+    batch = make_batch(n=3)
+    cfg = duge.DugeConfig(lambda_pr=2.0, lambda_reg=3.0)
+    loss, logs = duge.losses(u, phi0, params, batch, cfg, torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(logs["L_U"] + 2.0 * logs["L_pr"] + 3.0 * logs["R_pr"], rel=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.cat([batch["x_a"], batch["x_r"], batch["x_m"]])
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    xt = sample.add_noise(x0, noise, t)
+    a, r, m = slice(0, 3), slice(3, 6), slice(6, 9)
+    with torch.no_grad():
+        with duge.AttentionRecorder(u) as ra:
+            e_a = u(xt[a], t[a], batch["c_target"])
+        with duge.AttentionRecorder(u) as rb:
+            p_a = phi0(xt[a], t[a], batch["c_anchor"])
+        l_u = duge.cross_attention_loss(ra.outputs, rb.outputs, e_a, p_a).item()
+        l_pr = F.mse_loss(u(xt[r], t[r], batch["c_r"]), noise[r]).item()
+        r_pr = F.mse_loss(u(xt[m], t[m], batch["c_m"]), phi0(xt[m], t[m], batch["c_m"])).item()
+    assert logs["L_U"] == pytest.approx(l_u, rel=1e-4)
+    assert logs["L_pr"] == pytest.approx(l_pr, rel=1e-4)
+    assert logs["R_pr"] == pytest.approx(r_pr, rel=1e-4) and r_pr > 1e-5
+    # the frozen target matters: theta's own anchor output would give another L_U
+    with torch.no_grad(), duge.AttentionRecorder(u) as rt:
+        e_t = u(xt[a], t[a], batch["c_anchor"])
+    assert abs(duge.cross_attention_loss(ra.outputs, rt.outputs, e_a, e_t).item() - l_u) > 1e-3 * l_u
+
+
 def test_gamma_term():
     u = tiny_unet()
     named = dict(u.named_parameters())
@@ -95,19 +139,43 @@ def test_gamma_term():
     assert r.item() == pytest.approx(0.5 * named[names[0]].numel(), rel=1e-5)
 
 
-def test_unlearn_moves_target_towards_anchor_and_keeps_memory():
+def test_unlearn_forgets_and_each_retention_term_does_its_job():
+    """Three runs from the same start: L_U alone forgets; R_pr (weight 10) keeps the memory prompts
+    (here near the target, so L_U alone drags them along) several times closer to phi_0; L_pr lowers
+    the diffusion loss on the related images. A zeroed or swapped weight breaks one of these."""
+    import torch.nn.functional as F
     u = tiny_unet()
     named = dict(u.named_parameters())
     phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
     b = make_batch(n=4, seed=3)
+    near_target = b["c_target"] + 0.3 * torch.randn(b["c_target"].shape, generator=torch.Generator().manual_seed(4))
     data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
-            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
-    cfg = duge.DugeConfig(steps=60, lr=3e-3, batch=4)
-    hist = duge.unlearn(u, phi0, data, cfg, progress=False)
-    first, last = hist[0]["L_U"], sum(h["L_U"] for h in hist[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
-    assert sum(h["R_pr"] for h in hist[-5:]) / 5 < 0.2 * first
-    assert not any(p.requires_grad for p in u.parameters())
+            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": near_target}}
+    start = {n: p.detach().clone() for n, p in named.items()}
+
+    def run(lambda_pr, lambda_reg):
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(start[n])
+        hist = duge.unlearn(u, phi0, data, duge.DugeConfig(steps=60, lr=3e-3, batch=4, lambda_pr=lambda_pr,
+                                                           lambda_reg=lambda_reg), progress=False)
+        assert not any(p.requires_grad for p in u.parameters())
+        g, out = torch.Generator().manual_seed(9), [sum(h["L_U"] for h in hist[-5:]) / 5]
+        for group, target in (("memory", "phi0"), ("related", "noise")):
+            x, c = data[group]["x"], data[group]["c"]
+            t = torch.randint(0, 1000, (len(x),), generator=g)
+            noise = torch.randn(x.shape, generator=g)
+            xt = duge.add_noise(x, noise, t)
+            with torch.no_grad():
+                out.append(F.mse_loss(u(xt, t, c), phi0(xt, t, c) if target == "phi0" else noise).item())
+        return hist[0]["L_U"], out                 # first L_U; final L_U, memory drift, related loss
+
+    first, (l_u, drift, related) = run(0, 0)      # measured: 0.058 -> 0.0013, drift 3.1e-4, related 1.070
+    assert l_u < 0.1 * first
+    _, (_, drift_reg, _) = run(0, 10)             # measured: drift 4.8e-5
+    assert drift_reg < 0.3 * drift, (drift_reg, drift)
+    _, (_, _, related_pr) = run(2, 0)             # measured: related 1.046
+    assert related_pr < related - 0.01, (related_pr, related)
 
 
 LEDGER = {"steps": [{"concept": "van gogh", "anchor": "", "kind": "style", "retain": ["munch", "monet"]},

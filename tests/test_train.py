@@ -193,16 +193,16 @@ def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_pat
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--steps", "0"], "--steps 0: must be positive"),
-    (["--steps", "-5"], "--steps -5: must be positive"),
-    (["--lr", "0"], "--lr 0.0: must be positive"),
-    (["--lr", "nan"], "--lr nan: must be positive"),
-    (["--batch", "0"], "--batch 0"),
-    (["--num-prompts", "0"], "--num-prompts 0"),
-    (["--images-per-prompt", "0"], "--images-per-prompt 0"),
-    (["--eval-n", "0"], "--eval-n 0"),
-    (["--size", "0"], "--size 0"),
-    (["--lambda-pr", "-1"], "--lambda-pr -1.0: must be at least 0"),
+    (["--steps", "0"], "steps 0: must be at least 1"),
+    (["--steps", "-5"], "steps -5: must be at least 1"),
+    (["--lr", "0"], "lr 0.0: must be positive"),
+    (["--lr", "nan"], "lr nan: must be positive"),
+    (["--batch", "0"], "batch 0: must be at least 1"),
+    (["--num-prompts", "0"], "num_prompts 0: must be at least 1"),
+    (["--images-per-prompt", "0"], "images_per_prompt 0: must be at least 1"),
+    (["--eval-n", "0"], "--eval-n 0: must be positive"),
+    (["--size", "0"], "--size 0: must be positive"),
+    (["--lambda-pr", "-1"], "lambda_pr -1.0: must be at least 0"),
     (["--guidance", "inf"], "--guidance inf: must be a finite number"),
     (["--forget", "banana"], "choose a style (van gogh, munch"),
 ])
