@@ -193,3 +193,63 @@ def test_torchscript_archive_is_refused(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pt")
     with pytest.raises(UnsafePickleError, match="TorchScript"):
         safe_pickle.load(tmp_path / "scripted.pt")
+
+
+# -----------------------------------------------------------------------------------------------
+# Other ways to name and call a global: protocol 0's INST, protocols 4/5's STACK_GLOBAL, and a
+# payload hidden inside an inert class's arguments or its BUILD state.
+
+def test_protocol_0_inst_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    raw = f"(S'touch {marker}'\nios\nsystem\n.".encode()  # MARK, a string, INST os.system: calls it
+    pickle.loads(raw)                                       # live with plain pickle...
+    assert marker.exists()
+    marker.unlink()
+    import io
+    with pytest.raises(UnsafePickleError, match=r"global os\.system "):
+        safe_pickle.RestrictedUnpickler(io.BytesIO(raw)).load()
+    (tmp_path / "p0.pkl").write_bytes(raw)                  # ...and no torch.save file starts that way
+    with pytest.raises(UnsafePickleError, match="not a torch.save file"):
+        safe_pickle.load(tmp_path / "p0.pkl")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("payload,global_name", PAYLOADS)
+def test_stack_global_is_refused(tmp_path, protocol, payload, global_name):
+    marker = tmp_path / "marker"
+    raw = pickle.dumps({"x": payload(marker)}, protocol=protocol)
+    assert pickle.STACK_GLOBAL in raw and b"\x8c" in raw  # the name is pushed as strings, then looked up
+    out = pickle.loads(raw)
+    if hasattr(out["x"], "close"):
+        out["x"].close()
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "raw.pkl").write_bytes(raw)
+    torch.save({"state_dict": small_state_dict(), "evil": payload(marker)}, tmp_path / "evil.ckpt",
+               pickle_protocol=protocol)
+    for path in (tmp_path / "raw.pkl", tmp_path / "evil.ckpt"):
+        with pytest.raises(UnsafePickleError, match=f"global {global_name} "):
+            safe_pickle.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["arguments", "state"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_payload_inside_an_inert_class_is_refused(tmp_path, where, fmt):
+    """An allowed placeholder (omegaconf's DictConfig) must not let the objects it is built from
+    run: its arguments (REDUCE) and its state (BUILD) are unpickled first, through find_class."""
+    marker = tmp_path / "marker"
+    with fake_lightning() as lightning:
+        DictConfig = lightning.DictConfig
+        if where == "arguments":
+            DictConfig.__reduce__ = lambda self: (DictConfig, (SystemMarker(marker),))
+        else:
+            DictConfig.__getstate__ = lambda self: {"_content": SystemMarker(marker)}
+        obj = {"state_dict": small_state_dict(), "config": DictConfig()}
+        raw = pickle.dumps(obj["config"], protocol=2)
+        torch.save(obj, tmp_path / "evil.ckpt", **FORMATS[fmt])
+    assert b"omegaconf.dictconfig\nDictConfig" in raw and b"system" in raw
+    with pytest.raises(UnsafePickleError, match=rf"global {os.system.__module__}\.system "):
+        safe_pickle.load(tmp_path / "evil.ckpt")
+    assert not marker.exists()

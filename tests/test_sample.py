@@ -104,6 +104,7 @@ def test_ddpm_matches_diffusers_every_step():
     for t in sch.timesteps:
         xr = sch.step(eps(xr, t), t, xr, generator=gen).prev_sample
         ref.append(xr.clone())
+    assert len(ours) == len(ref) == 20
     for a, b in zip(ours, ref):
         assert (a - b).abs().max().item() < 1e-4
 

@@ -81,7 +81,10 @@ def test_two_requests_build_the_ledger(tmp_path):
     b, f1, f2 = (dict(m.unet.named_parameters()) for m in (base, first, final))
     changed = {n for n in b if not torch.equal(b[n], f2[n])}
     assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
-    assert all(torch.equal(delta[f"phi0.{n}"], b[n]) for n in b if f"phi0.{n}" in delta)
+    phi0_keys = {k.removeprefix("phi0.") for k in delta if k.startswith("phi0.")}
+    attn2 = {n for n in b if ".attn2." in n}
+    assert phi0_keys == attn2 and len(attn2) == 5 * len(base.unet.cross_attentions())  # all of phi_0's attn2
+    assert all(torch.equal(delta[f"phi0.{n}"], b[n]) for n in phi0_keys)
     assert all(torch.equal(delta[f"theta.{n}"], f2[n]) for n in changed)
     assert any(not torch.equal(f1[n], f2[n]) for n in changed)  # the second request trained again
 
@@ -135,7 +138,13 @@ def test_real_sd_path_full_size(tmp_path):
     converted = convert_ldm_unet_checkpoint(sd, {"layers_per_block": 2})
     missing, unexpected = unet.load_state_dict(converted, strict=True), None
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-    assert torch.equal(unet.state_dict()[name], sd["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"])
+    ours = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(unet.state_dict()[name], sd[ours])
+    # training changed the keys and values, and nothing else; the fp16 input gives an fp16 output
+    src_sd = load_file(str(src))
+    changed = {k for k in sd if not torch.equal(sd[k], src_sd[k])}
+    assert len(changed) == 32 and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)[:3]
+    assert sd[ours].dtype == torch.float16
 
 
 # -----------------------------------------------------------------------------------------------
