@@ -28,7 +28,7 @@ fixed original).
 
 No file I/O and no CLI here: train.py turns the recipe into prompts and images, and saves.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +56,21 @@ class DugeConfig:
     images_per_prompt: int = 2
     memory: int = 24          # generic prompts in the memory M
     seed: int = 0
+    # memory bounds (same result up to float rounding; see README, "Real SD on one GPU")
+    micro_batch: int = 0      # images per group per forward/backward, gradients accumulated (0: the whole batch)
+    checkpointing: bool = False  # recompute UNet block activations in backward
+    autocast: str = ""        # "bf16" / "fp16": forward in that dtype, trained tensors stay fp32
 
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
         for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
-                          ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0)):
+                          ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0),
+                          ("micro_batch", 0)):
             v = getattr(self, name)
             if not (v == v and abs(v) != float("inf") and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
+        if self.autocast not in ("", "bf16", "fp16"):
+            raise ValueError(f"autocast {self.autocast!r}: choose bf16 or fp16")
 
 
 PRESETS = {"toy": DugeConfig(), "sd": DugeConfig(lr=1e-5)}
@@ -205,16 +212,27 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
     return loss
 
 
-def losses(unet, phi0, params, batch, cfg, generator):
+def with_noise(batch, generator):
+    """The step's draws, for the whole batch before any micro-batching: eps_* and t_* of each group
+    (a: anchor, r: related, m: memory), drawn in that order."""
+    sizes = [len(batch["x_a"]), len(batch["x_r"]), len(batch["x_m"])]
+    x = batch["x_a"]
+    noise = torch.randn((sum(sizes), *x.shape[1:]), generator=generator).to(x).split(sizes)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (sum(sizes),), generator=generator).to(x.device).split(sizes)
+    return {**batch, **{f"eps_{g}": e for g, e in zip("arm", noise)}, **{f"t_{g}": s for g, s in zip("arm", t)}}
+
+
+def losses(unet, phi0, params, batch, cfg):
     """All three losses from two UNet calls: one of theta on every group (with attn2 recorded),
     one of phi_0 on the groups it supervises (anchor and memory).
 
     batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r
-    (related images, anchor images included, with their prompts), x_m, c_m (memory)."""
+    (related images, anchor images included, with their prompts), x_m, c_m (memory), and the
+    noise eps_* and timesteps t_* of each group (with_noise)."""
     sizes = [len(batch["x_a"]), len(batch["x_r"]), len(batch["x_m"])]
     x0 = torch.cat([batch["x_a"], batch["x_r"], batch["x_m"]])
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator).to(x0.device)
+    noise = torch.cat([batch["eps_a"], batch["eps_r"], batch["eps_m"]])
+    t = torch.cat([batch["t_a"], batch["t_r"], batch["t_m"]])
     xt = add_noise(x0, noise, t)                                                  # (Na+Nr+Nm, 4, h, w)
     (xt_a, _, xt_m), (t_a, _, t_m) = xt.split(sizes), t.split(sizes)
 
@@ -262,20 +280,30 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
         opt.load_state_dict(optimizer_state)
     g = torch.Generator()
     history = []
+    unet.checkpointing = cfg.checkpointing
+    device = next(unet.parameters()).device
+    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast])
+                if cfg.autocast else nullcontext())
     bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress,
                initial=start_step, total=cfg.steps)
     try:
         for step in bar:
             g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
             a, r, m = (draw(data[k], cfg.batch, g) for k in ("anchor", "related", "memory"))
-            batch = {"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
-                     "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}
-            loss, logs = losses(unet, phi0, params, batch, cfg, g)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step} ({logs}); "
-                                         "lower --lr or use --dtype fp32")
+            batch = with_noise({"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
+                                "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}, g)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            logs, mb = dict.fromkeys(("L_U", "L_pr", "R_pr"), 0.0), cfg.micro_batch or cfg.batch
+            for j in range(0, cfg.batch, mb):  # each loss is a mean: micro-batch gradients, weighted, add up
+                part = {k: v[j:j + mb] for k, v in batch.items()}
+                w = len(part["x_a"]) / cfg.batch
+                with autocast:
+                    loss, part_logs = losses(unet, phi0, params, part, cfg)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step} ({part_logs}); "
+                                             "lower --lr or use --dtype fp32")
+                (w * loss).backward()
+                logs = {k: v + w * part_logs[k] for k, v in logs.items()}
             opt.step()
             history.append(logs)
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
@@ -283,4 +311,5 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                 on_step(step, logs, opt)
     finally:
         unet.requires_grad_(False)
+        unet.checkpointing = False
     return history

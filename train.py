@@ -5,16 +5,12 @@
     python train.py --forget "van gogh" --forget "picasso"              # two requests in a row
     python train.py --forget "van gogh" --weights v1-5-pruned-emaonly.safetensors   # real SD v1
 
-Each request (a "decremental step") does:
-  1. ask duge.recipe which concepts feed each loss (this one and the ledger's for L_U, the
-     nearest ones for L_pr, the memory for R_pr) and turn them into prompts (concepts.py);
-  2. draw the anchor / related / memory images with the ORIGINAL model phi_0 (cached on disk);
-  3. train the cross-attention keys and values on L_U + lambda_pr L_pr + lambda_reg R_pr (duge.py);
-  4. write the full model (same format as the input) with the ledger of every forgotten concept in
-     its metadata, a small delta file (the trained tensors and phi_0's), a before/after grid and,
-     in the toy world, the evaluation table (toy/evaluate.py).
-The ledger is what makes the next request continual: earlier concepts are replayed so they stay
-forgotten, and phi_0 is carried along in the delta so every step distils towards the original.
+Each request (a "decremental step"): duge.recipe says which concepts feed each loss, concepts.py
+turns them into prompts, the ORIGINAL model phi_0 draws their images (cached on disk), duge.unlearn
+trains the cross-attention keys and values, and we write the model (same format as the input, the
+ledger of every forgotten concept in its metadata), a delta file (the trained tensors and phi_0's:
+the next request distils towards the original through it), a before/after grid and, in the toy
+world, the evaluation table (toy/evaluate.py).
 """
 import argparse
 import dataclasses
@@ -42,10 +38,6 @@ class UserError(Exception):
     """Bad input: printed as one line, no traceback, nothing written."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, after the resume point was written; the message says where to resume."""
-
-
 def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -62,10 +54,8 @@ def concept_source(model, seed):
     return concepts.SDConcepts()
 
 
-# -----------------------------------------------------------------------------------------------
-# The ledger: every request so far, stored as JSON in the checkpoint's metadata
-
 def read_ledger(model):
+    """Every request so far, stored as JSON in the checkpoint's metadata."""
     return json.loads(model.meta.get("duge.ledger", '{"steps": []}'))
 
 
@@ -82,7 +72,7 @@ def fingerprint(model, phi0):
 
 
 # -----------------------------------------------------------------------------------------------
-# Outputs
+# Inputs and outputs of a request
 
 def output_paths(out):
     out = Path(out)
@@ -128,8 +118,7 @@ def prepare(model, phi0, world, plan, cfg, args, folder):
 
     k = cfg.images_per_prompt
     with phi0.applied():  # x_0 drawn by the original model, cached per prompt
-        x_a, x_r, x_m = (sample.generate_cached(model, ps, k, folder, desc=f"phi_0 images: {what}", steps=args.gen_steps,
-                                                guidance=args.guidance, height=args.size, width=args.size)
+        x_a, x_r, x_m = (sample.generate_cached(model, ps, k, folder, desc=f"phi_0 images: {what}", **images(args))
                          for ps, what in ((anchors, "anchor"), (related, "related"), (memory, "memory")))
     enc = lambda ps: sample.encode_prompts(model, [p for p in ps for _ in range(k)])
     c_a = enc(anchors)
@@ -137,8 +126,12 @@ def prepare(model, phi0, world, plan, cfg, args, folder):
             # L_pr on the related images and on the anchor images with their own prompts
             "related": {"x": torch.cat([x_r, x_a]), "c": torch.cat([enc(related), c_a])},
             "memory": {"x": x_m, "c": enc(memory)}}
-    dev = next(model.unet.parameters()).device
-    return {g: {n: v.to(dev) for n, v in d.items()} for g, d in data.items()}
+    return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
+
+
+def images(args):
+    """How every image of a request is drawn (DDIM steps, guidance, size)."""
+    return {"steps": args.gen_steps, "guidance": args.guidance, "height": args.size, "width": args.size}
 
 
 def grid_rows(world, plan, concept):
@@ -155,7 +148,6 @@ def stop_between_steps():
     """While training, Ctrl-C / SIGTERM finish the current step first, so the resume point written
     then is exact (a second signal stops at once). -> a list that is non-empty once asked."""
     asked = []
-
     def handler(signum, frame):
         if asked:
             raise KeyboardInterrupt
@@ -175,12 +167,10 @@ def run_request(model, world, concept, cfg, args, out):
     kind, anchor = (args.kind if args.kind != "auto" else world.kind(concept)), args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
-
     phi0 = load_phi0(model, ledger, args)
     folder = Path(args.cache) / fingerprint(model, phi0)
     names = duge.trainable_names(model.unet, cfg.trainable)
-    named = dict(model.unet.named_parameters())
-    phi_prev = duge.Original(model.unet, {n: named[n] for n in names})  # the model as it came in
+    phi_prev = duge.Original(model.unet, {n: p for n, p in model.unet.named_parameters() if n in names})  # as it came
     print(f"request {len(ledger['steps']) + 1}: forget '{concept}' (kind {kind}, anchor '{anchor}')", file=sys.stderr)
     nearest = concepts.nearest_by_text(model, concept, cfg.num_related)
     plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest, retain=retain, replay=cfg.replay)
@@ -188,8 +178,7 @@ def run_request(model, world, concept, cfg, args, out):
     print(f"  related concepts kept: {', '.join(plan.related) or '-'}; {len(data['anchor']['x'])} anchor, "
           f"{len(data['related']['x'])} related, {len(data['memory']['x'])} memory images", file=sys.stderr)
 
-    # resume point: the trained tensors and the optimizer, written every 50 steps, at the end of
-    # training (so an interrupted evaluation does not cost the training) and on Ctrl-C / SIGTERM
+    # resume point (tensors, optimizer): every 50 steps, at the end of training and on Ctrl-C / SIGTERM
     start, opt_state, last = 0, None, {}
     if args.resume:
         if not paths["resume"].exists():
@@ -204,8 +193,8 @@ def run_request(model, world, concept, cfg, args, out):
             if asked or done % 50 == 0 or done == cfg.steps:
                 save_resume(paths["resume"], model.unet, names, opt, concept, done, logs)
             if asked:
-                raise Interrupted(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the same "
-                                  f"command with --resume to continue from step {done}")
+                raise KeyboardInterrupt(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the "
+                                        f"same command with --resume to continue from step {done}")
         try:
             history = duge.unlearn(model.unet, phi0, data, cfg, start_step=start, optimizer_state=opt_state,
                                    on_step=on_step)
@@ -217,24 +206,20 @@ def run_request(model, world, concept, cfg, args, out):
         from toy import evaluate
         metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
                                        paths["csv"], folder / f"base_eval_n{args.eval_n}.json"))
-    step = {"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
-            "hparams": {k: getattr(cfg, k) for k in ("steps", "lr", "batch", "lambda_pr", "lambda_reg", "gamma",
-                                                     "trainable")},
-            "metrics": metrics, "delta": paths["delta"].name}
-    ledger["steps"].append(step)
+    ledger["steps"].append({"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
+                            "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
     model.meta["duge.ledger"] = json.dumps(ledger)
     rows = grid_rows(world, plan, concept)
-    grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], steps=args.gen_steps,
-                               guidance=args.guidance, height=args.size, width=args.size)
+    grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], **images(args))
     sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]), paths["grid"])
-    delta = {**trained_tensors(model.unet, names), **{f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}}
+    delta = trained_tensors(model.unet, names) | {f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}
     with checkpoint.atomic_path(paths["delta"]) as tmp:
         save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
     checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file comes last
     model.source = str(paths["model"])
     paths["resume"].unlink(missing_ok=True)
-    print(f"  wrote {paths['model']}, {paths['delta'].name}, {paths['grid'].name} "
-          f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    print(f"  wrote {paths['model']}, {paths['delta'].name}, {paths['grid'].name} ({time.time() - t0:.0f} s)",
+          file=sys.stderr)
     return metrics
 
 
@@ -246,11 +231,9 @@ def save_resume(path, unet, names, opt, concept, step, logs):
 def load_resume(path, unet, concept):
     tensors, opt_state, meta = checkpoint.load_training_state(path)
     if meta["concept"] != concept:
-        raise UserError(f"{path} is a resume point for '{meta['concept']}', not '{concept}'; delete it or drop --resume")
-    named = dict(unet.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            named[k.removeprefix("theta.")].copy_(v)
+        raise UserError(f"{path} is a resume point for '{meta['concept']}', not '{concept}'; delete it or drop "
+                        "--resume")
+    unet.load_state_dict({k.removeprefix("theta."): v for k, v in tensors.items()}, strict=False)  # copies them in
     return int(meta["step"]), opt_state, json.loads(meta["losses"])
 
 
@@ -258,15 +241,16 @@ def load_resume(path, unet, concept):
 # Command line
 
 CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": "images per loss group per step",
-               "lambda_pr": "weight of L_pr", "lambda_reg": "weight of R_pr", "gamma": "L2 pull to the original tensors",
+               "lambda_pr": "weight of L_pr", "lambda_reg": "weight of R_pr", "gamma": "L2 pull to the original",
                "trainable": "trained tensors", "num_related": "related concepts protected by L_pr",
                "num_prompts": "prompts per concept", "images_per_prompt": "images per prompt",
-               "memory": "generic prompts in the memory", "seed": "seed of the training draws"}
+               "memory": "generic prompts in the memory", "seed": "seed of the training draws",
+               "micro_batch": "images per group per forward/backward (0: all)", "checkpointing": "recompute "
+               "UNet activations in backward", "autocast": "forward in this dtype ('': none)"}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Forget concepts from a Stable Diffusion v1 model with DUGE "
-                                             "(the toy model in weights/ by default).",
+    ap = argparse.ArgumentParser(description="Forget concepts from a Stable Diffusion v1 model with DUGE.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--forget", action="append", required=True, metavar="CONCEPT",
                     help="concept to forget; repeat for several requests in a row")
@@ -278,13 +262,12 @@ def parse_args(argv=None):
     ap.add_argument("--retain", default=None, help="comma-separated related concepts to protect "
                                                    "(None: the nearest by text embedding)")
 
-    def config_flag(name, help, **kw):  # a duge.DugeConfig field; its default comes from the preset
+    choices = {"trainable": ["kv", "attn2"], "autocast": ["", "bf16", "fp16"]}
+    for name, help in CONFIG_HELP.items():  # duge.DugeConfig fields: the default comes from the preset
         toy, sd = (getattr(duge.PRESETS[p], name) for p in ("toy", "sd"))
-        default = f"{toy}" if toy == sd else f"{toy} on the toy model, {sd} on SD"
-        ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
-                        help=f"{help} (default: {default})", **({"type": type(toy)} | kw))
-    for name, help in CONFIG_HELP.items():
-        config_flag(name, help, **({"choices": ["kv", "attn2"]} if name == "trainable" else {}))
+        kw = {"action": "store_true"} if isinstance(toy, bool) else {"type": type(toy), "choices": choices.get(name)}
+        ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
+                        help=f"{help} (default: {toy if toy == sd else f'{toy} on the toy model, {sd} on SD'})")
     ap.add_argument("--no-replay", dest="replay", action="store_false", default=argparse.SUPPRESS,
                     help="ablation: do not replay earlier concepts in L_U")
     ap.add_argument("--gen-steps", type=int, default=20, help="DDIM steps for the training images")
@@ -299,16 +282,14 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (None: autodetect)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(sample.DTYPES), help="compute dtype")
-    ap.add_argument("--save-dtype", default=None, choices=sorted(sample.DTYPES),
-                    help="dtype of the written model (None: the input's)")
+    ap.add_argument("--save-dtype", choices=sorted(sample.DTYPES), help="written model's dtype (None: the input's)")
     return ap.parse_args(argv)
 
 
 def config(args, toy):
     """The preset of the model (toy or SD) with the flags given on the command line, checked."""
-    fields = [f.name for f in dataclasses.fields(duge.DugeConfig)]
-    cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **{k: getattr(args, k) for k in fields
-                                                                       if hasattr(args, k)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(duge.DugeConfig) if hasattr(args, f.name)}
+    cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **given)
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be positive")
@@ -329,13 +310,9 @@ def output_models(args, model, world):
         if concept in args.forget[:i]:
             raise UserError(f"'{concept}' is given twice with --forget")
         world.kind(concept)  # an unknown toy-world concept fails here
-        if args.out and i == len(args.forget) - 1:
-            out = Path(args.out)
-        else:
-            name = "forget-" + slug("-".join(gone + args.forget[:i + 1]))
-            out = (Path(args.out).parent if args.out else Path("out")) / name
-            if model.format == "compvis":
-                out = out.with_name(out.name + ".safetensors")
+        name = "forget-" + slug("-".join(gone + args.forget[:i + 1])) + (".safetensors" * (model.format == "compvis"))
+        last = args.out and i == len(args.forget) - 1
+        out = Path(args.out) if last else (Path(args.out).parent if args.out else Path("out")) / name
         if model.format == "compvis" and out.suffix != ".safetensors":
             raise UserError(f"--out {out}: a single-file model must end in .safetensors")
         if out.exists() and not args.overwrite:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -267,6 +268,14 @@ class UNet(nn.Module):
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)                 # as CompVis: an untrained UNet predicts eps = 0
         nn.init.zeros_(self.out[2].bias)
+        self.checkpointing = False  # True: keep only each block's input, recompute the rest in backward
+
+    def run(self, block, h, emb, context):
+        """One block; with gradient checkpointing (Chen et al. 2016) when training, so activation
+        memory is one block's instead of the whole UNet's, for about one more forward of time."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
 
     def forward(self, x, t, context):                      # x (B, 4, h, w), context (B, 77, 768)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # int, 0-d or (B,) -> (B,)
@@ -274,11 +283,11 @@ class UNet(nn.Module):
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)             # (B, 1280, h/8, w/8) for SD v1
+        h = self.run(self.middle_block, h, emb, context)   # (B, 1280, h/8, w/8) for SD v1
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self.run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)                                 # (B, 4, h, w)
 
     def cross_attentions(self):

@@ -276,7 +276,8 @@ def run_step_one(variant, device):
         batch = {"x_a": x_a, "c_target": c_target, "c_anchor": c_anchor, "x_r": x_r, "c_r": c_r,
                  "x_m": x_m, "c_m": c_m}
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, logs = duge.losses(unet, phi0, params, batch, duge.DugeConfig(), torch.Generator().manual_seed(0))
+        loss, logs = duge.losses(unet, phi0, params, duge.with_noise(batch, torch.Generator().manual_seed(0)),
+                                 duge.DugeConfig())
     loss.backward()
     grad_norm = torch.stack([p.grad.norm() for p in params.values()]).norm().item()
     opt.step()
