@@ -245,6 +245,7 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": 
                "trainable": "trained tensors", "num_related": "related concepts protected by L_pr",
                "num_prompts": "prompts per concept", "images_per_prompt": "images per prompt",
                "memory": "generic prompts in the memory", "seed": "seed of the training draws",
+               "replay": "replay the forgotten concepts in L_U (--no-replay: ablation)",
                "micro_batch": "images per group per forward/backward (0: all)", "checkpointing": "recompute "
                "UNet activations in backward", "autocast": "forward in this dtype ('': none)"}
 
@@ -265,11 +266,10 @@ def parse_args(argv=None):
     choices = {"trainable": ["kv", "attn2"], "autocast": ["", "bf16", "fp16"]}
     for name, help in CONFIG_HELP.items():  # duge.DugeConfig fields: the default comes from the preset
         toy, sd = (getattr(duge.PRESETS[p], name) for p in ("toy", "sd"))
-        kw = {"action": "store_true"} if isinstance(toy, bool) else {"type": type(toy), "choices": choices.get(name)}
+        kw = ({"action": argparse.BooleanOptionalAction} if isinstance(toy, bool) else
+              {"type": type(toy), "choices": choices.get(name)})
         ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
                         help=f"{help} (default: {toy if toy == sd else f'{toy} on the toy model, {sd} on SD'})")
-    ap.add_argument("--no-replay", dest="replay", action="store_false", default=argparse.SUPPRESS,
-                    help="ablation: do not replay earlier concepts in L_U")
     ap.add_argument("--gen-steps", type=int, default=20, help="DDIM steps for the training images")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (None: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image size (None: the model's)")

@@ -289,6 +289,76 @@ def run_step_one(variant, device):
 
 
 # -----------------------------------------------------------------------------------------------
+# Part 3, one subprocess per configuration: the real SD request's shapes (64x64 latents, 512 px)
+
+def run_request_one(config, device):
+    """Peak memory of one phase of a real-SD request, full-size random weights:
+    "generate": phi_0's training images (2 per prompt, guidance: a UNet batch of 4) and their
+    decoding, as train.py draws them (2 DDIM steps: the peak is per step);
+    "train:B:MB:CKPT:AUTOCAST": one duge.unlearn step, B images per group, micro-batches of MB
+    (0: all), gradient checkpointing 0/1, autocast ''/bf16."""
+    base = memory_now(device)
+    torch.manual_seed(0)
+    if config == "generate":
+        from clip_text import TextConfig, TextEncoder, Tokenizer
+        from vae import VAE, VAEConfig
+        model = checkpoint.StableDiffusion(Tokenizer.from_openai_gz(), TextEncoder(TextConfig()), random_sd_unet(),
+                                           VAE(VAEConfig())).to(device=device)
+        gc.collect()
+        before, clean = memory_now(device), reset_peak(device)
+        t0 = time.perf_counter()
+        sample.generate(model, ["a painting in the style of van gogh"] * 2, steps=2, guidance=GUIDANCE)
+        out = {"what": "generate"}
+    else:
+        _, b, mb, ckpt, autocast = config.split(":")
+        unet = random_sd_unet().to(device)
+        gc.collect()
+        before, clean = memory_now(device), reset_peak(device)
+        t0 = time.perf_counter()
+        attn2 = duge.trainable_names(unet, "attn2")
+        phi0 = duge.Original(unet, {n: p for n, p in unet.named_parameters() if n in attn2})
+        g, n = torch.Generator().manual_seed(0), int(b)
+        x = lambda: torch.randn(n, 4, 64, 64, generator=g).to(device)
+        c = lambda: torch.randn(n, 77, 768, generator=g).to(device)
+        data = {"anchor": {"x": x(), "c_target": c(), "c_anchor": c()}, "related": {"x": x(), "c": c()},
+                "memory": {"x": x(), "c": c()}}
+        cfg = duge.DugeConfig(steps=1, lr=1e-5, batch=n, micro_batch=int(mb), checkpointing=ckpt == "1",
+                              autocast=autocast)
+        out = duge.unlearn(unet, phi0, data, cfg, progress=False)[0]
+    sync(device)
+    top = peak(device)
+    return {**out, "peak_mb": top - base, "resident_mb": before - base, "clean_peak": clean,
+            "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+
+
+def request(args):
+    """The table of the README's "Real SD on one GPU": every phase of the SD preset's request."""
+    device = torch.device(args.device)
+    print(f"request: full-size SD v1 (random weights), fp32 weights, 64x64 latents (512 px), contexts 77x768; "
+          f"device {device.type}, {args.threads} thread(s); peak = "
+          f"{'max RSS growth' if device.type == 'cpu' else 'max allocated'} over the process after imports")
+    rows = []
+    for config in args.configs:
+        r = child(args, "request", config)
+        rows.append((config, r))
+        print(f"  ran {config}: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MiB", flush=True)
+    ref = next((r for c, r in rows if c.startswith("train:") and c.split(":")[2:] == ["0", "0", ""]), None)
+    print("\n| phase | images per group | micro-batch | checkpointing | autocast | peak MiB | seconds | time vs "
+          "unbounded, same images | L_U |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for config, r in rows:
+        if config == "generate":
+            print(f"| phi_0 images / grid: 2 images, guidance, decode | - | - | - | - | {r['peak_mb']:.0f} | "
+                  f"{r['seconds']:.0f} (2 DDIM steps) | - | - |")
+            continue
+        _, b, mb, ckpt, autocast = config.split(":")
+        same = next((x for c, x in rows if c == f"train:{b}:0:0:"), None)
+        ratio = f"{r['seconds'] / same['seconds']:.2f}x" if same else "-"
+        print(f"| training step | {b} | {mb if mb != '0' else 'all'} | {'yes' if ckpt == '1' else 'no'} | "
+              f"{autocast or 'no'} | {r['peak_mb']:.0f} | {r['seconds']:.0f} | {ratio} | {r['L_U']:.5f} |")
+
+
+# -----------------------------------------------------------------------------------------------
 # The parent: runs the subprocesses and prints the tables
 
 def child(args, *extra):
@@ -389,7 +459,7 @@ def memory(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["speed", "memory", "_one"])
+    ap.add_argument("part", choices=["speed", "memory", "request", "_one"])
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)  # _one: speed IMPL DTYPE | memory VARIANT
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
@@ -400,12 +470,19 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--configs", nargs="+", default=["generate", "train:1:0:0:", "train:2:0:0:", "train:2:1:1:",
+                                                     "train:2:2:1:", "train:8:2:1:"],
+                    help="request: 'generate' and/or train:IMAGES_PER_GROUP:MICRO_BATCH:CHECKPOINTING:AUTOCAST")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "speed":
         speed(args)
     elif args.part == "memory":
         memory(args)
+    elif args.part == "request":
+        request(args)
+    elif args.rest[0] == "request":
+        print(json.dumps(run_request_one(args.rest[1], torch.device(args.device))))
     elif args.rest[0] == "speed":
         _, impl, d = args.rest
         r = run_speed_one(impl, d, args.size, args.repeats, args.warmup, torch.device(args.device), args.out)

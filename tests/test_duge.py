@@ -205,6 +205,7 @@ def test_presets():
     assert duge.PRESETS["toy"] == duge.DugeConfig()
     assert duge.PRESETS["sd"].lr == 1e-5 and duge.PRESETS["toy"].lr == 1e-3
     assert duge.PRESETS["sd"].batch == duge.PRESETS["toy"].batch == 8
+    assert duge.PRESETS["sd"].micro_batch == 2 and duge.PRESETS["sd"].checkpointing  # fits a 24 GB card (README)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -126,3 +126,28 @@ def test_summary_groups_and_sequence_tables(tmp_path):
     assert list(csv.DictReader(open(tmp_path / "sequence.csv")))[1]["retained"] == "0.85"
     from PIL import Image
     assert Image.open(tmp_path / "sequence.png").size == (520, 300)
+
+
+def test_memory_bounds_train_the_same_toy_model(toy):
+    """On the shipped toy model: micro-batches and gradient checkpointing leave the trained tensors
+    equal to one full batch's up to float rounding (< 1e-5; the step moves them by ~1e-3)."""
+    import duge
+    unet = toy.unet
+    named = dict(unet.named_parameters())
+    start = {n: p.detach().clone() for n, p in named.items()}
+    phi0 = duge.Original(unet, {n: named[n] for n in duge.trainable_names(unet, "attn2")})
+    g = torch.Generator().manual_seed(0)
+    x = lambda: torch.randn(12, 4, 16, 16, generator=g)
+    c = lambda: torch.randn(12, 77, unet.cfg.context_dim, generator=g)
+    data = {"anchor": {"x": x(), "c_target": c(), "c_anchor": c()}, "related": {"x": x(), "c": c()},
+            "memory": {"x": x(), "c": c()}}
+    out = []
+    for bounds in ({}, {"micro_batch": 2}, {"micro_batch": 3, "checkpointing": True}):
+        duge.unlearn(unet, phi0, data, duge.DugeConfig(steps=3, batch=6, **bounds), progress=False)
+        out.append({n: named[n].detach().clone() for n in duge.trainable_names(unet, "kv")})
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(start[n])
+    assert max((out[0][n] - start[n]).abs().max().item() for n in out[0]) > 1e-3
+    for other in out[1:]:
+        assert max((other[n] - out[0][n]).abs().max().item() for n in out[0]) < 1e-5
