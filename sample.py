@@ -233,12 +233,14 @@ def to_pil(images):
 
 
 def make_grid(rows, labels=None, pad=2, label_height=None):
-    """rows: list of (N, 3, H, W) tensors, one row each; labels: one caption per row, drawn below it."""
+    """rows: list of (N, 3, H, W) tensors, one row each; labels: one caption per row, drawn below it
+    (the grid widens to the longest caption, so none is cut)."""
     from PIL import Image, ImageDraw
     H, W = rows[0].shape[-2:]
     ncol = max(r.shape[0] for r in rows)
     lh = 0 if labels is None else (label_height or max(12, H // 8))
-    grid = Image.new("RGB", (ncol * (W + pad) + pad, len(rows) * (H + pad + lh) + pad), "white")
+    text = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(s) for s in labels or []), default=0)
+    grid = Image.new("RGB", (max(ncol * (W + pad), int(text) + pad) + pad, len(rows) * (H + pad + lh) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         y = pad + r * (H + pad + lh)
