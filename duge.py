@@ -28,8 +28,9 @@ fixed original).
 
 No file I/O and no CLI here: train.py turns the recipe into prompts and images, and saves.
 """
+import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class DugeConfig:
                           ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0),
                           ("micro_batch", 0)):
             v = getattr(self, name)
-            if not (v == v and abs(v) != float("inf") and (v > 0 if low is None else v >= low)):
+            if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
         if self.autocast not in ("", "bf16", "fp16"):
             raise ValueError(f"autocast {self.autocast!r}: choose bf16 or fp16")
@@ -86,7 +87,7 @@ class Recipe:
     unlearn: list             # (concept, anchor) pairs for L_U: this request, and every earlier one
     related: list             # R_k: the concepts nearest this one, protected by L_pr
     memory: list              # the concepts whose prompts fill M for R_pr (generic prompts come on top)
-    exclude: list = field(default_factory=list)  # every forgotten concept: never in a prompt we keep
+    exclude: list             # every forgotten concept: never in a prompt we keep
 
 
 def recipe(ledger, concept, anchor, kind, candidates, nearest, retain=None, replay=True):
