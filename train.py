@@ -76,6 +76,7 @@ def fingerprint(model, phi0):
 
 def output_paths(out):
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the folder of every file a request writes
     stem = out.with_suffix("") if out.suffix == ".safetensors" else out
     return {"model": out, "delta": Path(f"{stem}.delta.safetensors"), "grid": Path(f"{stem}.grid.png"),
             "md": Path(f"{stem}.eval.md"), "csv": Path(f"{stem}.eval.csv"),
@@ -152,7 +153,9 @@ def stop_between_steps():
         if asked:
             raise KeyboardInterrupt
         asked.append(signum)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in [s for s, h in old.items() if h is not signal.SIG_IGN]:  # started ignoring it (nohup, &)? keep so
+        signal.signal(s, handler)
     try:
         yield asked
     finally:
@@ -163,7 +166,6 @@ def stop_between_steps():
 def run_request(model, world, concept, cfg, args, out):
     ledger = read_ledger(model)
     paths = output_paths(out)
-    paths["model"].parent.mkdir(parents=True, exist_ok=True)
     kind, anchor = (args.kind if args.kind != "auto" else world.kind(concept)), args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
@@ -180,12 +182,11 @@ def run_request(model, world, concept, cfg, args, out):
 
     # resume point (tensors, optimizer): every 50 steps, at the end of training and on Ctrl-C / SIGTERM
     start, opt_state, last = 0, None, {}
-    if args.resume:
-        if not paths["resume"].exists():
-            print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
-        else:
-            start, opt_state, last = load_resume(paths["resume"], model.unet, concept)
-            print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
+    if args.resume and not paths["resume"].exists():
+        print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
+    elif args.resume:
+        start, opt_state, last = load_resume(paths["resume"], model.unet, concept)
+        print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
 
     with stop_between_steps() as asked:
         def on_step(step, logs, opt):
@@ -305,8 +306,7 @@ def output_models(args, model, world):
         if not concept:
             raise UserError("--forget needs a concept name, e.g. --forget \"van gogh\"")
         if concept in gone:
-            raise UserError(f"'{concept}' is already forgotten by this model (request {gone.index(concept) + 1} "
-                            "of its ledger); nothing to do")
+            raise UserError(f"'{concept}' is already forgotten (request {gone.index(concept) + 1} of the ledger)")
         if concept in args.forget[:i]:
             raise UserError(f"'{concept}' is given twice with --forget")
         world.kind(concept)  # an unknown toy-world concept fails here

@@ -166,7 +166,18 @@ def test_recorder_exit_never_masks_an_interrupt():
     assert rec.outputs[0] is not None and rec.outputs[1] is None
 
 
-def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the tests run in the background
+    (a shell starts background jobs with SIGINT ignored, and train.py then leaves it ignored)."""
+    import signal
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
+def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_path, monkeypatch, capsys,
+                                                                         sigint_as_in_a_terminal):
     """A real SIGINT at step 5: the step finishes, the resume point is written at step 5, exit 130
     with a one-line message naming it, no model; --resume ends with an uninterrupted run's tensors."""
     import signal
