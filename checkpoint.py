@@ -69,9 +69,10 @@ class CheckpointError(Exception):
 def atomic_path(path, mode=0o644):
     """Yield a temporary path beside `path` to write a file or a folder to; only when the block
     finishes is it renamed to `path` (replacing what was there), so an interrupted or failed
-    write leaves the old file and no half-written one. Files get `mode` (safetensors' own
-    default, 0600, would hide models from other users)."""
+    write leaves the old file and no half-written one. The folder is made if missing; files get
+    `mode` (safetensors' own default, 0600, would hide models from other users)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     _remove(tmp)
     try:
@@ -576,7 +577,6 @@ def save(model, path, format=None, extra_metadata=None, dtype=None):
     fmt = output_format(path, format)
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     meta = metadata(model, extra_metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         if fmt == "compvis":
             save_file({k: cast(v).cpu() for k, v in compvis_state_dict(model).items()}, str(tmp), metadata=meta)

@@ -198,16 +198,16 @@ def generate_cached(model, prompts, per_prompt, folder, desc="images", **kwargs)
     from safetensors.torch import load_file, save_file
 
     from checkpoint import atomic_path
-    Path(folder).mkdir(parents=True, exist_ok=True)
     out = []
     for p in tqdm(prompts, desc=desc, unit="prompt"):
         key = json.dumps([p, per_prompt, sorted(kwargs.items())])
         f = Path(folder) / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.safetensors"
-        if not f.exists():
-            with atomic_path(f) as tmp:
-                save_file({"latents": generate(model, [p] * per_prompt, decode=False, **kwargs).cpu().contiguous()},
-                          str(tmp), metadata={"prompt": p})
-        out.append(load_file(str(f))["latents"])
+        if f.exists():
+            out.append(load_file(str(f))["latents"])
+            continue
+        out.append(generate(model, [p] * per_prompt, decode=False, **kwargs).cpu().contiguous())
+        with atomic_path(f) as tmp:
+            save_file({"latents": out[-1]}, str(tmp), metadata={"prompt": p})
     return torch.cat(out)
 
 
@@ -330,7 +330,6 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(make_grid(rows, labels=prompts), args.out)
     if args.separate:
         stem, _ = os.path.splitext(args.out)

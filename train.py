@@ -76,7 +76,6 @@ def fingerprint(model, phi0):
 
 def output_paths(out):
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)  # the folder of every file a request writes
     stem = out.with_suffix("") if out.suffix == ".safetensors" else out
     return {"model": out, "delta": Path(f"{stem}.delta.safetensors"), "grid": Path(f"{stem}.grid.png"),
             "md": Path(f"{stem}.eval.md"), "csv": Path(f"{stem}.eval.csv"),

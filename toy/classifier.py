@@ -134,7 +134,6 @@ def train_classifier(out: str = DEFAULT_PATH, steps: int = 1000, batch: int = 12
 def save_classifier(model: ConceptClassifier, path: str) -> None:
     meta = {"config": json.dumps(asdict(model.cfg)), "labels": json.dumps(model.labels)}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:  # a crash never leaves a half-written file under the real name
         save_file(state, str(tmp), metadata=meta)
 
