@@ -342,7 +342,6 @@ def request(args):
         r = child(args, "request", config)
         rows.append((config, r))
         print(f"  ran {config}: {r['seconds']:.0f} s, peak {r['peak_mb']:.0f} MiB", flush=True)
-    ref = next((r for c, r in rows if c.startswith("train:") and c.split(":")[2:] == ["0", "0", ""]), None)
     print("\n| phase | images per group | micro-batch | checkpointing | autocast | peak MiB | seconds | time vs "
           "unbounded, same images | L_U |")
     print("|---|---|---|---|---|---|---|---|---|")
