@@ -40,6 +40,9 @@ from tqdm import tqdm
 from sample import NUM_TRAIN_TIMESTEPS, add_noise
 
 
+METHODS = ("duge", "esd", "ca", "uce", "finetune")
+
+
 @dataclass
 class DugeConfig:
     """Every default of a request. PRESETS holds the toy-world and real-SD values; train.py's
@@ -61,15 +64,23 @@ class DugeConfig:
     micro_batch: int = 0      # images per group per forward/backward, gradients accumulated (0: the whole batch)
     checkpointing: bool = False  # recompute UNet block activations in backward
     autocast: str = ""        # "bf16" / "fp16": forward in that dtype, trained tensors stay fp32
+    # the methods DUGE is measured against (baselines.py) and CUIG's projection add-on
+    method: str = "duge"      # one of METHODS
+    esd_eta: float = 1.0      # ESD's negative guidance
+    uce_lambda: float = 0.1   # UCE's pull towards the unedited weights
+    uce_preserve: float = 1.0  # UCE's weight of the preserved concepts
+    gp: bool = False          # CUIG's gradient projection: updates orthogonal to the retained concepts
 
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
         for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
                           ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0),
-                          ("micro_batch", 0)):
+                          ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.autocast not in ("", "bf16", "fp16"):
             raise ValueError(f"autocast {self.autocast!r}: choose bf16 or fp16")
 
@@ -217,12 +228,13 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
 
 def with_noise(batch, generator):
     """The step's draws, for the whole batch before any micro-batching: eps_* and t_* of each group
-    (a: anchor, r: related, m: memory), drawn in that order."""
-    sizes = [len(batch["x_a"]), len(batch["x_r"]), len(batch["x_m"])]
+    present (a: anchor, r: related, m: memory), drawn in that order."""
+    groups = [g for g in "arm" if f"x_{g}" in batch]
+    sizes = [len(batch[f"x_{g}"]) for g in groups]
     x = batch["x_a"]
     noise = torch.randn((sum(sizes), *x.shape[1:]), generator=generator).to(x).split(sizes)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (sum(sizes),), generator=generator).to(x.device).split(sizes)
-    return {**batch, **{f"eps_{g}": e for g, e in zip("arm", noise)}, **{f"t_{g}": s for g, s in zip("arm", t)}}
+    return {**batch, **{f"eps_{g}": e for g, e in zip(groups, noise)}, **{f"t_{g}": s for g, s in zip(groups, t)}}
 
 
 def losses(unet, phi0, params, batch, cfg):
@@ -265,13 +277,16 @@ def draw(data, n, generator):
 
 
 def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, optimizer_state=None,
-            on_step=None):
+            on_step=None, loss_fn=None, projection=None):
     """Train theta for cfg.steps on the three losses. `data` holds precomputed latents and text
     contexts (the text encoder is frozen, so prompts are encoded once):
         data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"] = {"x", "c"},
         data["memory"] = {"x", "c"}.
     Returns per-step loss history. `on_step(step, logs, optimizer)` runs after every step (train.py
-    writes its resume point there)."""
+    writes its resume point there). loss_fn (default: DUGE's `losses`) and projection (a
+    baselines.GradientProjection) let the same loop run the baselines and CUIG's add-ons; a
+    baseline's data may hold the anchor group alone."""
+    loss_fn = loss_fn or losses
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())
     unet.requires_grad_(False)
@@ -292,22 +307,30 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
     try:
         for step in bar:
             g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
-            a, r, m = (draw(data[k], cfg.batch, g) for k in ("anchor", "related", "memory"))
-            batch = with_noise({"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"],
-                                "x_r": r["x"], "c_r": r["c"], "x_m": m["x"], "c_m": m["c"]}, g)
+            a = draw(data["anchor"], cfg.batch, g)
+            batch = {"x_a": a["x"], "c_target": a["c_target"], "c_anchor": a["c_anchor"]}
+            for k, s in (("related", "r"), ("memory", "m")):
+                if k in data:
+                    d = draw(data[k], cfg.batch, g)
+                    batch |= {f"x_{s}": d["x"], f"c_{s}": d["c"]}
+            batch = with_noise(batch, g)
             opt.zero_grad(set_to_none=True)
-            logs, mb = dict.fromkeys(("L_U", "L_pr", "R_pr"), 0.0), cfg.micro_batch or cfg.batch
+            logs, mb = {}, cfg.micro_batch or cfg.batch
             for j in range(0, cfg.batch, mb):  # each loss is a mean: micro-batch gradients, weighted, add up
                 part = {k: v[j:j + mb] for k, v in batch.items()}
                 w = len(part["x_a"]) / cfg.batch
                 with autocast:
-                    loss, part_logs = losses(unet, phi0, params, part, cfg)
+                    loss, part_logs = loss_fn(unet, phi0, params, part, cfg)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step} ({part_logs}); "
                                              "lower --lr or use --dtype fp32")
                 (w * loss).backward()
-                logs = {k: v + w * part_logs[k] for k, v in logs.items()}
+                logs = {k: logs.get(k, 0.0) + w * v for k, v in part_logs.items()}
+            if projection is not None:
+                projection.before_step()
             opt.step()
+            if projection is not None:
+                projection.after_step()
             history.append(logs)
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
             if on_step is not None:

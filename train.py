@@ -14,6 +14,7 @@ world, the evaluation table (toy/evaluate.py).
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import baselines
 import checkpoint
 import concepts
 import duge
@@ -108,29 +110,44 @@ def load_phi0(model, ledger, args):
 # One request
 
 def prepare(model, phi0, world, plan, cfg, args, folder):
-    """The recipe's concepts -> prompts -> phi_0's images -> the `data` dict duge.unlearn trains on."""
+    """The recipe's concepts -> prompts -> phi_0's images -> the `data` dict duge.unlearn trains on.
+    For a baseline, phi0 is its reference (the model at the start of the request) and the data one
+    group: the concept's own images for ESD, the anchor's for CA and finetune."""
     prompts = lambda c, n: world.prompts(c, world.kind(c), n, exclude=plan.exclude)
     pairs = [(p, concepts.anchor_prompt(p, c, a)) for c, a in plan.unlearn for p in prompts(c, cfg.num_prompts)]
     targets, anchors = [p for p, _ in pairs], [a for _, a in pairs]
     related = [p for r in plan.related for p in prompts(r, cfg.num_prompts)]
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(cfg.memory, exclude=plan.exclude)
-
+    todo = ([(targets if cfg.method == "esd" else anchors, "concept" if cfg.method == "esd" else "anchor")] +
+            [(related, "related"), (memory, "memory")] * (cfg.method == "duge"))
     k = cfg.images_per_prompt
-    with phi0.applied():  # x_0 drawn by the original model, cached per prompt
-        x_a, x_r, x_m = (sample.generate_cached(model, ps, k, folder, desc=f"phi_0 images: {what}", **images(args))
-                         for ps, what in ((anchors, "anchor"), (related, "related"), (memory, "memory")))
+    who = "phi_0" if cfg.method == "duge" else "reference"
+    with phi0.applied():  # x_0 drawn by the original model (a baseline: its reference), cached per prompt
+        xs = [sample.generate_cached(model, ps, k, folder, desc=f"{who} images: {what}", **images(args))
+              for ps, what in todo]
     enc = lambda ps: sample.encode_prompts(model, [p for p in ps for _ in range(k)])
-    c_a = enc(anchors)
-    data = {"anchor": {"x": x_a, "c_target": enc(targets), "c_anchor": c_a},
-            # L_pr on the related images and on the anchor images with their own prompts
-            "related": {"x": torch.cat([x_r, x_a]), "c": torch.cat([enc(related), c_a])},
-            "memory": {"x": x_m, "c": enc(memory)}}
+    c_a = enc([""] * len(anchors) if cfg.method == "esd" else anchors)   # ESD: the unconditional prompt
+    data = {"anchor": {"x": xs[0], "c_target": enc(targets), "c_anchor": c_a}}
+    if cfg.method == "duge":
+        data |= {"related": {"x": torch.cat([xs[1], xs[0]]), "c": torch.cat([enc(related), c_a])},  # L_pr: +anchors
+                 "memory": {"x": xs[2], "c": enc(memory)}}
     return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
 
 
+def uce(model, world, plan, concept, anchor, cfg):
+    """UCE's closed-form edit: the texts that end in the concept (and the name alone) onto their anchors,
+    the retained concepts of plan.memory kept."""
+    texts = [concept] + [p for p in world.prompts(concept, world.kind(concept), 16, exclude=plan.exclude)
+                         if p.endswith(concept)]
+    texts = list(dict.fromkeys(texts))
+    baselines.uce_request(model, texts, [concepts.anchor_prompt(p, concept, anchor) for p in texts], plan.memory,
+                          cfg.uce_lambda, cfg.uce_preserve)
+
+
 def images(args):
-    """How every image of a request is drawn (DDIM steps, guidance, size)."""
-    return {"steps": args.gen_steps, "guidance": args.guidance, "height": args.size, "width": args.size}
+    """How every image of a request is drawn (sampler, steps, guidance, size)."""
+    return {"sampler": args.gen_sampler, "steps": args.gen_steps, "guidance": args.guidance, "height": args.size,
+            "width": args.size}
 
 
 def grid_rows(world, plan, concept):
@@ -167,24 +184,81 @@ def run_request(model, world, concept, cfg, args, out):
     kind, anchor = (args.kind if args.kind != "auto" else world.kind(concept)), args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
+    phases = {}  # seconds per phase, printed at the end
+
+    @contextmanager
+    def phase(name):
+        t = time.time()
+        yield
+        phases[name] = phases.get(name, 0) + time.time() - t
     phi0 = load_phi0(model, ledger, args)
-    folder = Path(args.cache) / fingerprint(model, phi0)
     names = duge.trainable_names(model.unet, cfg.trainable)
     phi_prev = duge.Original(model.unet, {n: p for n, p in model.unet.named_parameters() if n in names})  # as it came
-    print(f"request {len(ledger['steps']) + 1}: forget '{concept}' (kind {kind}, anchor '{anchor}')", file=sys.stderr)
+    ref = phi0 if cfg.method == "duge" else phi_prev  # a baseline's reference: the model at the request's start
+    folder = Path(args.cache) / fingerprint(model, ref)
+    print(f"request {len(ledger['steps']) + 1}: forget '{concept}' with {cfg.method} (kind {kind}, anchor "
+          f"'{anchor}')", file=sys.stderr)
     nearest = concepts.nearest_by_text(model, concept, cfg.num_related)
-    plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest, retain=retain, replay=cfg.replay)
-    data = prepare(model, phi0, world, plan, cfg, args, folder)
-    print(f"  related concepts kept: {', '.join(plan.related) or '-'}; {len(data['anchor']['x'])} anchor, "
-          f"{len(data['related']['x'])} related, {len(data['memory']['x'])} memory images", file=sys.stderr)
+    plan = duge.recipe(ledger, concept, anchor, kind, world.candidates, nearest, retain=retain,
+                       replay=cfg.replay and cfg.method == "duge")  # the baselines' code forgets one concept
+    history, last = [], {}
+    if cfg.method == "uce":
+        with phase("UCE edit"):
+            uce(model, world, plan, concept, anchor, cfg)
+    else:
+        with phase(f"{'phi_0' if cfg.method == 'duge' else 'reference'} images"):
+            data = prepare(model, ref, world, plan, cfg, args, folder)
+        print(f"  related concepts kept: {', '.join(plan.related) or '-'}; "
+              + ", ".join(f"{len(d['x'])} {g}" for g, d in data.items()) + " images", file=sys.stderr)
+        with phase("training"):
+            history, last = train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths)
+    metrics = {"method": cfg.method, "seconds_train": round(time.time() - t0, 1),
+               "final_losses": history[-1] if history else last}
+    if is_toy(model) and not args.no_eval:
+        from toy import evaluate
+        with phase("evaluation"):  # phi_0's results are cached per image in the cache folder
+            metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
+                                           paths["csv"], folder / "base_eval.json"))
+    metrics["seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    ledger["steps"].append({"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
+                            "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
+    model.meta["duge.ledger"] = json.dumps(ledger)
+    rows = grid_rows(world, plan, concept)
+    with phase("grid"):
+        if not args.no_grid:
+            grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], **images(args))
+            sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]),
+                              paths["grid"])
+    with phase("writing"):
+        delta = trained_tensors(model.unet, names) | {f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}
+        with checkpoint.atomic_path(paths["delta"]) as tmp:
+            save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
+        checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file last
+    model.source = str(paths["model"])
+    paths["resume"].unlink(missing_ok=True)
+    total = time.time() - t0
+    print(f"  wrote {paths['model']}, {paths['delta'].name}" + ("" if args.no_grid else f", {paths['grid'].name}")
+          + "\n  time: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+          + f", other {total - sum(phases.values()):.1f} s; total {total:.1f} s", file=sys.stderr)
+    return metrics
 
-    # resume point (tensors, optimizer): every 50 steps, at the end of training and on Ctrl-C / SIGTERM
+
+def train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths):
+    """The training loop of a request, with its resume point (tensors, optimizer): written every 50
+    steps, at the end of training and on Ctrl-C / SIGTERM. -> (loss history, last logs)"""
     start, opt_state, last = 0, None, {}
     if args.resume and not paths["resume"].exists():
         print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
     elif args.resume:
         start, opt_state, last = load_resume(paths["resume"], model.unet, concept)
         print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
+    loss_fn = None if cfg.method == "duge" else functools.partial(baselines.LOSSES[cfg.method], original=phi0.tensors)
+    projection = None
+    if cfg.gp:  # CUIG: the updates stay orthogonal to the retained concepts' text embeddings
+        basis = baselines.protected_subspace(baselines.concept_embeddings(model, plan.memory))
+        named = dict(model.unet.named_parameters())
+        projection = baselines.GradientProjection({n: named[n] for n in names}, basis)
 
     with stop_between_steps() as asked:
         def on_step(step, logs, opt):
@@ -195,31 +269,11 @@ def run_request(model, world, concept, cfg, args, out):
                 raise KeyboardInterrupt(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the "
                                         f"same command with --resume to continue from step {done}")
         try:
-            history = duge.unlearn(model.unet, phi0, data, cfg, start_step=start, optimizer_state=opt_state,
-                                   on_step=on_step)
+            history = duge.unlearn(model.unet, ref, data, cfg, start_step=start, optimizer_state=opt_state,
+                                   on_step=on_step, loss_fn=loss_fn, projection=projection)
         except FloatingPointError as e:
             raise UserError(str(e)) from None
-
-    metrics = {"seconds_train": round(time.time() - t0, 1), "final_losses": history[-1] if history else last}
-    if is_toy(model) and not args.no_eval:
-        from toy import evaluate
-        metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
-                                       paths["csv"], folder / f"base_eval_n{args.eval_n}.json"))
-    ledger["steps"].append({"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
-                            "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
-    model.meta["duge.ledger"] = json.dumps(ledger)
-    rows = grid_rows(world, plan, concept)
-    grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], **images(args))
-    sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]), paths["grid"])
-    delta = trained_tensors(model.unet, names) | {f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}
-    with checkpoint.atomic_path(paths["delta"]) as tmp:
-        save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
-    checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file comes last
-    model.source = str(paths["model"])
-    paths["resume"].unlink(missing_ok=True)
-    print(f"  wrote {paths['model']}, {paths['delta'].name}, {paths['grid'].name} ({time.time() - t0:.0f} s)",
-          file=sys.stderr)
-    return metrics
+    return history, last
 
 
 def save_resume(path, unet, names, opt, concept, step, logs):
@@ -246,7 +300,10 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": 
                "memory": "generic prompts in the memory", "seed": "seed of the training draws",
                "replay": "replay the forgotten concepts in L_U (--no-replay: ablation)",
                "micro_batch": "images per group per forward/backward (0: all)", "checkpointing": "recompute "
-               "UNet activations in backward", "autocast": "forward in this dtype ('': none)"}
+               "UNet activations in backward", "autocast": "forward in this dtype ('': none)",
+               "method": "duge, or a baseline to compare with (baselines.py)", "esd_eta": "ESD's negative guidance",
+               "uce_lambda": "UCE's pull to the unedited weights", "uce_preserve": "UCE's weight of kept concepts",
+               "gp": "CUIG's gradient projection (any trained method)"}
 
 
 def parse_args(argv=None):
@@ -262,18 +319,23 @@ def parse_args(argv=None):
     ap.add_argument("--retain", default=None, help="comma-separated related concepts to protect "
                                                    "(None: the nearest by text embedding)")
 
-    choices = {"trainable": ["kv", "attn2"], "autocast": ["", "bf16", "fp16"]}
+    choices = {"trainable": ["kv", "attn2"], "autocast": ["", "bf16", "fp16"], "method": list(duge.METHODS)}
     for name, help in CONFIG_HELP.items():  # duge.DugeConfig fields: the default comes from the preset
         toy, sd = (getattr(duge.PRESETS[p], name) for p in ("toy", "sd"))
         kw = ({"action": argparse.BooleanOptionalAction} if isinstance(toy, bool) else
               {"type": type(toy), "choices": choices.get(name)})
         ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
                         help=f"{help} (default: {toy if toy == sd else f'{toy} on the toy model, {sd} on SD'})")
-    ap.add_argument("--gen-steps", type=int, default=20, help="DDIM steps for the training images")
+    ap.add_argument("--gen-sampler", default=None, choices=sorted(sample.SAMPLERS),
+                    help="sampler of phi_0's images and the grid (default: the toy evaluation's on the toy model, "
+                         "ddim on SD)")
+    ap.add_argument("--gen-steps", type=int, default=None, help="its steps (default: the toy evaluation's, 20 on SD)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (None: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image size (None: the model's)")
-    ap.add_argument("--eval-n", type=int, default=16, help="images per concept in the toy evaluation")
+    ap.add_argument("--eval-n", type=int, default=32, help="images per style (and at least per shape and "
+                                                           "colour) in the toy evaluation")
     ap.add_argument("--no-eval", action="store_true", help="skip the toy evaluation")
+    ap.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
     ap.add_argument("--out", default=None, help="output model (None: out/forget-<concepts>.safetensors)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output model")
     ap.add_argument("--base", default=None, help="the original model, if the last delta file is not at hand")
@@ -288,7 +350,13 @@ def parse_args(argv=None):
 def config(args, toy):
     """The preset of the model (toy or SD) with the flags given on the command line, checked."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(duge.DugeConfig) if hasattr(args, f.name)}
+    if given.get("method") == "esd" and "trainable" not in given:
+        given["trainable"] = "attn2"  # ESD-x: every cross-attention tensor, as its code trains
     cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **given)
+    from toy.evaluate import EVAL_SAMPLER, EVAL_STEPS  # the toy evaluation's fast sampler, validated there
+    fast = toy and args.gen_sampler in (None, EVAL_SAMPLER)
+    args.gen_sampler = args.gen_sampler or (EVAL_SAMPLER if toy else "ddim")
+    args.gen_steps = args.gen_steps if args.gen_steps is not None else EVAL_STEPS if fast else 20
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be positive")

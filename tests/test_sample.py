@@ -109,6 +109,37 @@ def test_ddpm_matches_diffusers_every_step():
         assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("steps", [4, 20])
+def test_dpmpp_2m_matches_diffusers_every_step(steps):
+    """DPM-Solver++(2M) on the CompVis grid equals DPMSolverMultistepScheduler (data prediction,
+    second order, last step to sigma = 0), step by step."""
+    from diffusers import DPMSolverMultistepScheduler
+    unet = tiny_diffusers_unet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    eps = _eps_fn(unet, ctx, uctx, 3.0)
+
+    ours = []
+    sample.dpmpp_2m_sample(eps, x.clone(), steps=steps, callback=lambda i, t, xi: ours.append(xi.clone()))
+    sch = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      steps_offset=1, timestep_spacing="leading", algorithm_type="dpmsolver++",
+                                      solver_order=2, final_sigmas_type="zero")
+    sch.set_timesteps(timesteps=sample.timestep_grid(steps)[::-1])  # its own "leading" grid differs by a step
+    assert sch.timesteps.tolist() == sample.timestep_grid(steps)[::-1]
+    ref, xr = [], x.clone()
+    for t in sch.timesteps:
+        xr = sch.step(eps(xr, t), t, xr).prev_sample
+        ref.append(xr.clone())
+    assert len(ours) == len(ref) == steps
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-4
+    # and it is not DDIM: after the first (first-order, DDIM-equal) step the two part
+    ddim = []
+    sample.ddim_sample(eps, x.clone(), steps=steps, callback=lambda i, t, xi: ddim.append(xi.clone()))
+    assert (ddim[-1] - ours[-1]).abs().max().item() > 1e-3
+
+
 # -----------------------------------------------------------------------------------------------
 # End to end: generate() on a model read by checkpoint.load equals diffusers' StableDiffusionPipeline
 # on the same random weights, latents and prompts.

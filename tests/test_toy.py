@@ -38,8 +38,9 @@ def test_sample_cli_uses_the_toy_model_by_default(tmp_path):
 
 
 def test_base_model_draws_every_concept(toy):
-    """Reduced version of `python -m toy.evaluate --combinations`: 3 images per concept, fixed seeds."""
-    acc = evaluate.accuracy(toy, n=3, seed=0)
+    """Reduced version of `python -m toy.evaluate`: 3 images per style (at least 3 per shape and colour)."""
+    its = evaluate.items(3)
+    acc = {c: h / k for c, (h, k) in evaluate.score(its, evaluate.draw(toy, its), ()).items()}
     for kind in ("style", "object", "colour"):
         cs = [c for c in acc if world.concept_kind(c) == kind]
         assert sum(acc[c] for c in cs) / len(cs) >= MIN_MEAN[kind], (kind, {c: acc[c] for c in cs})
@@ -106,26 +107,30 @@ def test_evaluate_cli_refuses_bad_counts():
         assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
 
 
-def test_summary_groups_and_sequence_tables(tmp_path):
-    """evaluate.summarise on known accuracies, and the sequence experiment's tables and plot from rows."""
-    from experiments import sequence
+def test_summary_groups_and_benchmark_tables(tmp_path):
+    """evaluate.summarise on known accuracies, and the benchmark's tables and figure from rows."""
+    from experiments import benchmark
     acc = {"van gogh": 0.0, "monet": 0.5, "munch": 1.0, "star": 1.0, "circle": 0.75, "red": 0.25}
     base = {"van gogh": 1.0, "monet": 1.0, "munch": 1.0, "star": 1.0, "circle": 1.0, "red": 1.0}
     s = evaluate.summarise(acc, base, ["van gogh"])
     assert s["forgotten"] == 0.0 and s["forgotten_base"] == 1.0
     assert s["retained_in_domain"] == pytest.approx(0.75)            # monet, munch
     assert s["retained_cross_domain"] == pytest.approx(2.0 / 3)     # star, circle, red
+    assert s["retained_cross_domain_worst"] == "red" and s["retained_in_domain_worst"] == "monet"
     assert s["retained"] == pytest.approx(3.5 / 5) and s["erosion"] == pytest.approx(1.5 / 5)
-    rows = [{"variant": "full", "step": k, "concept": c, f"acc[{c}]": 0.0, "forgotten_mean": 0.0,
-             "retained_in_domain": 0.9, "retained_in_domain_base": 1.0, "retained_cross_domain": 0.8,
-             "retained_cross_domain_base": 1.0, "retained": 0.85, "erosion": 0.15} for k, c in ((1, "van gogh"), (2, "monet"))]
-    sequence.write_outputs(rows, ["van gogh", "monet"], tmp_path)
-    md = (tmp_path / "sequence.md").read_text().splitlines()
-    assert md[0].startswith("| variant | step | concept | acc[van gogh] | acc[monet] |") and len(md) == 4
-    assert md[3].startswith("| full | 2 | monet |  | 0% | 0% | 90% | 100% | 80% | 100% | 85% | 15% |")
-    assert list(csv.DictReader(open(tmp_path / "sequence.csv")))[1]["retained"] == "0.85"
+    rows = [{"variant": v, "step": k, "concept": c, f"acc[{c}]": 0.0, "forgotten_max": f,
+             "retained_in_domain": 0.9, "retained_in_domain_base": 1.0, "retained_in_domain_worst": "munch",
+             "retained_in_domain_worst_acc": 0.5, "retained_cross_domain": 0.8, "retained_cross_domain_base": 1.0,
+             "retained_cross_domain_worst": "red", "retained_cross_domain_worst_acc": 0.25, "quality_fd": 3.0 + k,
+             "quality_fd_base": 2.0, "seconds": 50.0}
+            for v, f in (("duge", 0.0), ("esd", 0.25)) for k, c in ((1, "van gogh"), (2, "monet"))]
+    md = benchmark.write_outputs(rows, ["van gogh", "monet"], tmp_path).splitlines()
+    assert md[2].startswith("| variant | steps | forgotten, worst at any step |")
+    assert md[4] == "| duge | 2 | 0% | 90% (100%) | munch 50% | 80% (100%) | red 25% | 5.0 (2.0) |"
+    assert md[5].startswith("| esd | 2 | 25% |")
+    assert list(csv.DictReader(open(tmp_path / "benchmark.csv")))[1]["quality_fd"] == "5.0"
     from PIL import Image
-    assert Image.open(tmp_path / "sequence.png").size == (520, 300)
+    assert Image.open(tmp_path / "benchmark.png").size[0] == 4 * 330
 
 
 def test_memory_bounds_train_the_same_toy_model(toy):

@@ -65,9 +65,13 @@ class ConceptClassifier(nn.Module):
         self.hidden = nn.Linear(c_in * 4 * 4, cfg.hidden)
         self.heads = nn.ModuleDict({h: nn.Linear(cfg.hidden, len(labels[h])) for h in HEADS})
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The shared hidden layer (B, hidden): what the evaluation's quality proxy compares."""
         h = self.features(images.clamp(-1, 1))  # (B, C, 4, 4)
-        h = F.relu(self.hidden(h.flatten(1)))  # (B, hidden)
+        return F.relu(self.hidden(h.flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(images)
         return {name: head(h) for name, head in self.heads.items()}  # logits (B, n_classes) per head
 
 
@@ -103,7 +107,7 @@ def _targets(labels: dict[str, list[str]], names: dict[str, list[str]]) -> dict[
     return {h: torch.tensor([labels[h].index(n) for n in names[h]]) for h in HEADS}
 
 
-def train_classifier(out: str = DEFAULT_PATH, steps: int = 1000, batch: int = 128, lr: float = 2e-3,
+def train_classifier(out: str = DEFAULT_PATH, steps: int = 1200, batch: int = 128, lr: float = 2e-3,
                      seed: int = TRAIN_SEED, cfg: ClassifierConfig = ClassifierConfig()) -> ConceptClassifier:
     torch.set_num_threads(1)  # the CPU is shared
     torch.manual_seed(seed)
@@ -178,7 +182,7 @@ def heldout_accuracy(model: ConceptClassifier | None = None, n: int = 400, seed:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_PATH)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)

@@ -1,24 +1,41 @@
 """Measuring unlearning in the toy world: what the model still draws, scored by the toy classifier.
 
     python -m toy.evaluate --weights out/forget-van-gogh.safetensors      # table of every concept
+    python -m toy.evaluate --combinations                                  # the base model's quality
 
-For every concept of the evaluation set (each style, shape and colour of toy/world.py) we draw
-images from fixed prompts and seeds and ask the classifier whether the concept is in them:
-  - forget accuracy FA: on the concepts in the ledger (UA = 1 - FA; lower FA is better);
-  - retained accuracy, in-domain: the other concepts of the same kind as a forgotten one
-    (the other styles when a style was forgotten), which erode first;
-  - retained accuracy, cross-domain: concepts of the other kinds;
-  - erosion: the drop of retained accuracy from the base model.
-This follows the paper's protocol (fixed prompts, seeds `seed + index`, a classifier's top-1)
-with the toy classifier in place of ResNet-50.
+The images. For every style, n prompts "a {colour} {shape} in the style of {style}"; for every
+forgotten shape or colour, n prompts naming it ("a {colour} {shape}"); and 4n plain prompts
+"a {colour} {shape}" (more if needed). The other slots cycle through the concepts NOT forgotten,
+and each image's seed comes from its prompt, so an image is the same in every evaluation that contains it. Every
+image is scored on all three heads (style, shape, colour), and counts for each concept its prompt
+names, unless the prompt also names a forgotten concept: a retained shape is measured on the
+images of the retained styles and the plain ones, never on images of a forgotten style. Every
+concept is measured on at least n images (each style on exactly n).
+
+What is reported (as CUIG and the DUGE paper do, with the toy classifier in place of theirs):
+  - forget accuracy: on the concepts in the ledger (lower is better);
+  - retained accuracy, in-domain: the other concepts of a kind already hit (the other styles once a
+    style is forgotten), which erode first; cross-domain: the concepts of the other kinds;
+  - for each group the mean over concepts with a 95% interval, and the WORST retained concept with
+    its own interval (Wilson score intervals: with 32 images, one image is 3 points);
+  - a quality proxy: the Frechet distance between the classifier's hidden features of the model's
+    retained images and of the generator's images of the same prompts (FID's formula on a small
+    feature space). Collapse shows here before it shows in accuracy.
+
+The sampler. The evaluation draws with DPM-Solver++(2M) in few steps instead of DDIM in 20;
+`python -m toy.evaluate --compare-samplers` measures the difference on the base model (README).
 """
 import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
+import zlib
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,65 +43,300 @@ import checkpoint
 import sample
 from toy import classifier, world
 
-EVAL_STEPS, EVAL_GUIDANCE = 20, None  # guidance None: the checkpoint's own default
-
-
-def eval_prompts(concept, n):
-    """n fixed prompts naming the concept, cycling through the other attributes, and the
-    classifier head that must recognise it."""
-    kind = world.concept_kind(concept)
-    out = []
-    for i in range(n):
-        shape = world.SHAPES[i % len(world.SHAPES)]
-        colour = world.COLOURS[(i * 3) % len(world.COLOURS)]
-        if kind == "style":
-            out.append(f"a {colour} {shape} in the style of {concept}")
-        elif kind == "object":
-            out.append(f"a {colour} {concept}")
-        else:
-            out.append(f"a {concept} {shape}")
-    head = {"style": "style", "object": "shape", "colour": "colour"}[kind]
-    return [world._articles(p) for p in out], head
+EVAL_SAMPLER, EVAL_STEPS = "dpm++2m", 6  # validated against DDIM 20 steps: toy.evaluate --compare-samplers
+PLAIN_PER_N = 4   # plain prompts per n: they keep >= n images per shape and colour while styles are forgotten
+HEAD = {"style": "style", "object": "shape", "colour": "colour"}
 
 
 def concepts():
     return world.STYLES + world.SHAPES + world.COLOURS
 
 
+# ------------------------------------------------------------------------------------------
+# The images: prompts, seeds, and which concepts each one counts for
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    seed: int
+    style: str   # world.PHOTO for a plain prompt
+    shape: str
+    colour: str
+
+    @property
+    def key(self):
+        return f"{self.prompt}#{self.seed}"
+
+    def names(self):
+        """The concepts this image's prompt names."""
+        return {self.style, self.shape, self.colour} - {world.PHOTO}
+
+
+def items(n, forgotten=()):
+    """The evaluation images for a ledger (see the module docstring)."""
+    gone = set(forgotten)
+    shapes = [s for s in world.SHAPES if s not in gone] or world.SHAPES
+    colours = [c for c in world.COLOURS if c not in gone] or world.COLOURS
+    out, seen = [], {}
+
+    def add(style, shape, colour):
+        prompt = world._articles(f"a {colour} {shape}" + ("" if style == world.PHOTO else f" in the style of {style}"))
+        rep = seen[prompt] = seen.get(prompt, -1) + 1
+        out.append(Item(prompt, zlib.crc32(prompt.encode()) % 1_000_003 + 7919 * rep, style, shape, colour))
+
+    fill = lambda j: (shapes[j % len(shapes)], colours[(j + j // len(shapes)) % len(colours)])
+    for k, style in enumerate(world.STYLES):       # fillers depend on the style's position only
+        for i in range(n):
+            add(style, *fill(k * n + i))
+    for shape in [s for s in world.SHAPES if s in gone]:
+        for i in range(n):
+            add(world.PHOTO, shape, fill(i)[1])
+    for colour in [c for c in world.COLOURS if c in gone]:
+        for i in range(n):
+            add(world.PHOTO, fill(i)[0], colour)
+    for i in range(PLAIN_PER_N * n):
+        add(world.PHOTO, *fill(i))
+    short = lambda: [c for c in shapes + colours if sum(counts_for(it, c, gone) for it in out) < n]
+    i = PLAIN_PER_N * n
+    while short():   # many styles forgotten: more plain images, until every kept shape and colour has n
+        add(world.PHOTO, *fill(i))
+        i += 1
+    return out
+
+
+def counts_for(item, concept, forgotten):
+    """Does this image measure this concept? It must name it, and name no OTHER forgotten concept."""
+    names = item.names()
+    return concept in names and not (names & set(forgotten)) - {concept}
+
+
+# ------------------------------------------------------------------------------------------
+# Drawing and scoring
+
+
 @torch.no_grad()
-def accuracy(model, names=None, n=8, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=64, desc="evaluation"):
-    """concept -> fraction of its n images in which the classifier finds it."""
-    names = names or concepts()
+def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidance=None, batch=128,
+         desc="evaluation"):
+    """Draw and score each item: key -> {"pred": [style, shape, colour], "feat": hidden features}.
+    Items already in `cache` (a dict, e.g. the base model's results) are not drawn again."""
     clf = classifier.load_classifier()
     guidance = model.guidance if guidance is None else guidance
-    prompts, heads = [], []
-    for c in names:
-        p, h = eval_prompts(c, n)
-        prompts += p
-        heads += [h] * n
-    hits = []
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
-        images = sample.generate(model, prompts[i:i + batch], steps=steps, guidance=guidance, seed=seed + i)
-        pred = classifier.classify(images * 2 - 1, clf)  # generate gives [0, 1], the classifier [-1, 1]
-        hits += [pred[h][j] == names[(i + j) // n] for j, h in enumerate(heads[i:i + batch])]
-    return {c: sum(hits[k * n:(k + 1) * n]) / n for k, c in enumerate(names)}
+    cache = {} if cache is None else cache
+    todo = list({it.key: it for it in its if it.key not in cache}.values())
+    f, c = model.vae.downscale, model.unet.cfg.in_channels
+    for i in tqdm(range(0, len(todo), batch), desc=desc, unit="batch", disable=not todo):
+        part = todo[i:i + batch]
+        gens = [torch.Generator().manual_seed(it.seed) for it in part]
+        noise = sample.per_image_noise((len(part), c, model.image_size // f, model.image_size // f), gens, "cpu",
+                                       torch.float32)
+        images = sample.generate(model, [it.prompt for it in part], steps=steps, guidance=guidance,
+                                 sampler=sampler, latents=noise)
+        x = images * 2 - 1  # generate gives [0, 1], the classifier [-1, 1]
+        logits, feats = clf(x.float()), clf.embed(x.float())
+        for j, it in enumerate(part):
+            cache[it.key] = {"pred": [clf.labels[h][logits[h][j].argmax().item()] for h in ("style", "shape", "colour")],
+                             "feat": [round(v, 4) for v in feats[j].tolist()]}
+    return {it.key: cache[it.key] for it in its}
+
+
+def score(its, results, forgotten, names=None):
+    """concept -> (hits, images) over the images that measure it."""
+    out = {}
+    for c in names or concepts():
+        head = ("style", "shape", "colour").index(HEAD[world.concept_kind(c)])
+        hits = [results[it.key]["pred"][head] == c for it in its if counts_for(it, c, forgotten)]
+        out[c] = (sum(hits), len(hits))
+    return out
+
+
+_REFERENCE: dict[str, list[float]] = {}
 
 
 @torch.no_grad()
-def combinations(model, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=80, styles=None, shapes=None,
-                 colours=None):
+def reference_features(its):
+    """The generator's own images of the same prompts (same labels and seeds), through the classifier."""
+    todo = [it for it in its if it.key not in _REFERENCE]
+    clf = classifier.load_classifier()
+    for i in range(0, len(todo), 256):
+        part = todo[i:i + 256]
+        x = world.render_batch([it.shape for it in part], [it.colour for it in part], [it.style for it in part],
+                               [it.seed for it in part])
+        for it, f in zip(part, clf.embed(x)):
+            _REFERENCE[it.key] = f.tolist()
+    return np.array([_REFERENCE[it.key] for it in its], np.float64)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two samples of features (rows):
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))  (Dowson & Landau 1982; FID, Heusel et al. 2017).
+    Tr (S_a S_b)^(1/2) = sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which is
+    symmetric, so it needs no general matrix square root."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+def quality(its, results, forgotten):
+    """The quality proxy on the images that name no forgotten concept."""
+    keep = [it for it in its if not it.names() & set(forgotten)]
+    return frechet_distance(np.array([results[it.key]["feat"] for it in keep]), reference_features(keep))
+
+
+# ------------------------------------------------------------------------------------------
+# Summaries with intervals
+
+
+def wilson(p, n, z=1.96):
+    """95% Wilson score interval of a proportion p measured on n images."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def groups(names, forgotten):
+    kinds = {world.concept_kind(c) for c in forgotten}
+    return {"forgotten": [c for c in names if c in forgotten],
+            "retained_in_domain": [c for c in names if c not in forgotten and world.concept_kind(c) in kinds],
+            "retained_cross_domain": [c for c in names if c not in forgotten and world.concept_kind(c) not in kinds]}
+
+
+def summarise(acc, base, forgotten, n=None):
+    """Group accuracies: forgotten, retained in-domain, retained cross-domain (each a mean over concepts,
+    and its base); the worst retained concept of each retained group; erosion. With n (concept -> images),
+    also 95% intervals: Wilson intervals of the mean as a proportion of all the group's images."""
+    out = {}
+    mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
+    for g, cs in groups(list(acc), forgotten).items():
+        out[g], out[g + "_base"] = mean(acc, cs), mean(base, cs)
+        if n is not None:
+            out[g + "_ci"] = wilson(out[g], sum(n[c] for c in cs))
+        if g != "forgotten" and cs:
+            worst = min(cs, key=lambda c: (acc[c], c))
+            out[g + "_worst"] = worst
+            out[g + "_worst_acc"], out[g + "_worst_base"] = acc[worst], base[worst]
+            if n is not None:
+                out[g + "_worst_ci"] = wilson(acc[worst], n[worst])
+    retained = [c for c in acc if c not in forgotten]
+    out["retained"] = mean(acc, retained)
+    out["erosion"] = mean(base, retained) - mean(acc, retained)
+    return out
+
+
+def pct(v):
+    return "-" if v is None or v != v else f"{100 * v:.0f}%"
+
+
+def summary_lines(s):
+    """Markdown bullets of a summary: mean [interval] (base), worst concept, quality."""
+    lines = []
+    for g, label in (("forgotten", "forgotten"), ("retained_in_domain", "retained in-domain"),
+                     ("retained_cross_domain", "retained cross-domain")):
+        if s.get(g) != s.get(g):   # nan: the group is empty
+            continue
+        ci = s.get(g + "_ci")
+        line = f"- {label}: {100 * s[g]:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+        line += f" (base {100 * s[g + '_base']:.1f}%)"
+        if g + "_worst" in s:
+            wci = s.get(g + "_worst_ci")
+            line += (f"; worst {s[g + '_worst']} {pct(s[g + '_worst_acc'])}"
+                     + (f" [{pct(wci[0])}, {pct(wci[1])}]" if wci else "") + f" (base {pct(s[g + '_worst_base'])})")
+        lines.append(line)
+    if "quality_fd" in s:
+        lines.append(f"- quality (Frechet distance of classifier features to the generator's, lower is better): "
+                     f"{s['quality_fd']:.2f} (base {s['quality_fd_base']:.2f})")
+    return lines
+
+
+def table(acc_by_model, forgotten=(), n=None):
+    """Markdown table: one row per concept, one column per model (with the last model's 95% interval)."""
+    cols = list(acc_by_model)
+    last = acc_by_model[cols[-1]]
+    head = "| concept | kind | " + " | ".join(cols) + (" | 95% interval | images |" if n else " |")
+    lines = [head, "|---|---|" + "---|" * (len(cols) + (2 if n else 0))]
+    for c in last:
+        mark = " (forgotten)" if c in forgotten else ""
+        row = f"| {c}{mark} | {world.concept_kind(c)} | " + " | ".join(pct(acc_by_model[m][c]) for m in cols)
+        if n:
+            lo, hi = wilson(last[c], n[c])
+            row += f" | {pct(lo)}-{pct(hi)} | {n[c]}"
+        lines.append(row + " |")
+    return "\n".join(lines)
+
+
+def write_csv(acc_by_model, path, n=None):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = list(acc_by_model)
+    w.writerow(["concept", "kind"] + cols + (["images"] if n else []))
+    for c in acc_by_model[cols[-1]]:
+        w.writerow([c, world.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols] + ([n[c]] if n else []))
+    with checkpoint.atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------
+# What train.py and the benchmark call
+
+
+def evaluate(model, forgotten, n, base_model=None, base_cache=None):
+    """Accuracy of every concept now and under the base model, on the same images.
+    base_model: a context manager that swaps the base model in (phi_0.applied); base_cache: a path
+    whose JSON holds the base model's results per image, so each image is drawn for the base only once.
+    -> {"eval", "base", "images", "summary"}"""
+    its = items(n, forgotten)
+    cache = json.loads(base_cache.read_text()) if base_cache is not None and base_cache.exists() else {}
+    if any(it.key not in cache for it in its):
+        with base_model():
+            base_results = draw(model, its, cache, desc="evaluation: phi_0")
+        if base_cache is not None:
+            with checkpoint.atomic_path(base_cache) as tmp:
+                tmp.write_text(json.dumps(cache))
+    else:
+        base_results = {it.key: cache[it.key] for it in its}
+    results = draw(model, its, desc="evaluation: after")
+    scored, scored_base = score(its, results, forgotten), score(its, base_results, forgotten)
+    acc = {c: h / k if k else float("nan") for c, (h, k) in scored.items()}
+    base = {c: h / k if k else float("nan") for c, (h, k) in scored_base.items()}
+    n_by = {c: k for c, (_, k) in scored.items()}
+    summary = summarise(acc, base, forgotten, n_by)
+    summary["quality_fd"], summary["quality_fd_base"] = quality(its, results, forgotten), quality(its, base_results, forgotten)
+    return {"eval": acc, "base": base, "images": n_by, "summary": summary}
+
+
+def report(model, phi0, gone, n, md_path, csv_path, base_cache):
+    """After a request (train.py): the table of every concept under phi_0 and now, in markdown and CSV;
+    prints the summary. -> {"eval", "summary"}"""
+    r = evaluate(model, gone, n, phi0.applied, base_cache)
+    md = table({"base": r["base"], "after": r["eval"]}, forgotten=gone, n=r["images"])
+    md += "\n\n" + "\n".join(summary_lines(r["summary"]))
+    with checkpoint.atomic_path(md_path) as tmp:
+        tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
+    write_csv({"base": r["base"], "after": r["eval"]}, csv_path, n=r["images"])
+    for line in summary_lines(r["summary"]):
+        print("  " + line[2:], file=sys.stderr)
+    return {"eval": r["eval"], "summary": r["summary"]}
+
+
+@torch.no_grad()
+def combinations(model, seed=0, sampler="ddim", steps=20, guidance=None, batch=128):
     """The base model's quality: one image for every style x shape x colour prompt ("photo" is the
     prompt without a style), scored on all three heads. -> (per-head accuracy, per-concept accuracy)."""
-    styles = styles or world.STYLE_LABELS
-    shapes, colours = shapes or world.SHAPES, colours or world.COLOURS
-    combos = [(st, sh, co) for st in styles for sh in shapes for co in colours]
+    combos = [(st, sh, co) for st in world.STYLE_LABELS for sh in world.SHAPES for co in world.COLOURS]
     prompt = lambda st, sh, co: world._articles(f"a {co} {sh}" + ("" if st == world.PHOTO else f" in the style of {st}"))
     clf = classifier.load_classifier()
     guidance = model.guidance if guidance is None else guidance
     right = {"style": [], "shape": [], "colour": []}
-    for i in range(0, len(combos), batch):
+    for i in tqdm(range(0, len(combos), batch), desc="combinations", unit="batch"):
         part = combos[i:i + batch]
-        images = sample.generate(model, [prompt(*c) for c in part], steps=steps, guidance=guidance, seed=seed + i)
+        images = sample.generate(model, [prompt(*c) for c in part], steps=steps, guidance=guidance, seed=seed + i,
+                                 sampler=sampler)
         pred = classifier.classify(images * 2 - 1, clf)
         for j, (st, sh, co) in enumerate(part):
             right["style"].append(pred["style"][j] == st)
@@ -92,91 +344,54 @@ def combinations(model, seed=0, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch=
             right["colour"].append(pred["colour"][j] == co)
     per_head = {h: sum(v) / len(v) for h, v in right.items()}
     per_concept = {}
-    for h, pos, names in (("style", 0, styles), ("shape", 1, shapes), ("colour", 2, colours)):
-        for n in names:
-            hits = [right[h][k] for k, c in enumerate(combos) if c[pos] == n]
-            per_concept[n] = sum(hits) / len(hits)
+    for h, pos, names in (("style", 0, world.STYLE_LABELS), ("shape", 1, world.SHAPES), ("colour", 2, world.COLOURS)):
+        for c in names:
+            hits = [right[h][k] for k, combo in enumerate(combos) if combo[pos] == c]
+            per_concept[c] = sum(hits) / len(hits)
     return per_head, per_concept
 
 
-def summarise(acc, base, forgotten):
-    """Group accuracies as in the paper: forgotten, retained in-domain, retained cross-domain."""
-    kinds = {world.concept_kind(c) for c in forgotten}
-    groups = {"forgotten": [c for c in acc if c in forgotten],
-              "retained_in_domain": [c for c in acc if c not in forgotten and world.concept_kind(c) in kinds],
-              "retained_cross_domain": [c for c in acc if c not in forgotten and world.concept_kind(c) not in kinds]}
-    mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
+def compare_samplers(model, n, samplers):
+    """The base model's accuracy of every concept under each (sampler, steps), on the same images."""
+    its = items(n)
     out = {}
-    for g, cs in groups.items():
-        out[g] = mean(acc, cs)
-        out[g + "_base"] = mean(base, cs)
-    retained = groups["retained_in_domain"] + groups["retained_cross_domain"]
-    out["retained"] = mean(acc, retained)
-    out["erosion"] = mean(base, retained) - mean(acc, retained)
-    return out
-
-
-def table(acc_by_model, forgotten=()):
-    """Markdown table: one row per concept, one column per model; forgotten concepts marked."""
-    cols = list(acc_by_model)
-    first = acc_by_model[cols[0]]
-    lines = ["| concept | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for c in first:
-        mark = " (forgotten)" if c in forgotten else ""
-        lines.append(f"| {c}{mark} | {world.concept_kind(c)} | " +
-                     " | ".join(f"{100 * acc_by_model[m][c]:.0f}%" for m in cols) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(acc_by_model, path):
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    cols = list(acc_by_model)
-    w.writerow(["concept", "kind"] + cols)
-    for c in acc_by_model[cols[0]]:
-        w.writerow([c, world.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols])
-    with checkpoint.atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
-def report(model, phi0, gone, n, md_path, csv_path, base_file):
-    """After a request (train.py): accuracy of every concept under phi_0 (cached in base_file) and
-    now; writes the markdown and CSV tables, prints the summary. -> {"eval", "summary"}"""
-    if base_file.exists():
-        base = json.loads(base_file.read_text())
-    else:
-        with phi0.applied():
-            base = accuracy(model, n=n, desc="evaluation: phi_0")
-        with checkpoint.atomic_path(base_file) as tmp:
-            tmp.write_text(json.dumps(base))
-    after = accuracy(model, n=n, desc="evaluation: after")
-    summary = summarise(after, base, gone)
-    md = table({"base": base, "after": after}, forgotten=gone)
-    md += "\n\n" + "\n".join(f"- {k}: {100 * v:.1f}%" for k, v in summary.items())
-    with checkpoint.atomic_path(md_path) as tmp:
-        tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
-    write_csv({"base": base, "after": after}, csv_path)
-    pct = lambda k: f"{100 * summary[k]:.0f}% (base {100 * summary[k + '_base']:.0f}%)"
-    print(f"  forgotten {pct('forgotten')}, retained in-domain {pct('retained_in_domain')}, "
-          f"cross-domain {pct('retained_cross_domain')}", file=sys.stderr)
-    return {"eval": after, "summary": summary}
+    for name, steps in samplers:
+        results = draw(model, its, sampler=name, steps=steps, desc=f"{name} {steps} steps")
+        out[f"{name} {steps}"] = {c: h / k for c, (h, k) in score(its, results, ()).items()}
+    return out, {c: k for c, (_, k) in score(its, results, ()).items()}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score a toy-world model: accuracy per concept.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS))
-    ap.add_argument("-n", type=int, default=8, help="images per concept")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    ap.add_argument("--steps", type=int, default=EVAL_STEPS, help="DDIM steps")
+    ap.add_argument("-n", type=int, default=32, help="images per style (and at least per shape and colour)")
+    ap.add_argument("--forgotten", default="", help="comma-separated concepts to treat as forgotten")
+    ap.add_argument("--sampler", default=EVAL_SAMPLER, choices=sorted(sample.SAMPLERS))
+    ap.add_argument("--steps", type=int, default=EVAL_STEPS, help="sampler steps")
     ap.add_argument("--csv", default=None, help="also write the table as CSV")
     ap.add_argument("--combinations", action="store_true",
-                    help="score one image of every style x shape x colour prompt on all three heads")
+                    help="score one image of every style x shape x colour prompt on all three heads (DDIM 20 "
+                         "unless --sampler/--steps are given)")
+    ap.add_argument("--compare-samplers", default=None, metavar="S:N,S:N",
+                    help="e.g. 'ddim:20,dpm++2m:6': the base model's accuracy under each sampler on the same images")
     args = ap.parse_args(argv)
     try:
         if args.n < 1:
             raise ValueError(f"-n must be at least 1, got {args.n}")
         sample.timestep_grid(args.steps)  # validates --steps
+        gone = [c.strip().lower() for c in args.forgotten.split(",") if c.strip()]
+        for c in gone:
+            world.concept_kind(c)
+        pairs = []
+        for part in (args.compare_samplers or "").split(","):
+            if part.strip():
+                name, _, k = part.strip().partition(":")
+                if name not in sample.SAMPLERS or not k.isdigit():
+                    raise ValueError(f"--compare-samplers wants SAMPLER:STEPS pairs, e.g. ddim:20,dpm++2m:6; "
+                                     f"got {part!r}")
+                sample.timestep_grid(int(k))
+                pairs.append((name, int(k)))
         if args.csv:
             checkpoint.check_writable(args.csv)
         model = checkpoint.load(args.weights)
@@ -184,7 +399,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.combinations:
-        per_head, per_concept = combinations(model, seed=args.seed, steps=args.steps)
+        explicit = any(a.startswith(("--sampler", "--steps")) for a in (argv or sys.argv[1:]))
+        sampler, steps = (args.sampler, args.steps) if explicit else ("ddim", 20)
+        per_head, per_concept = combinations(model, sampler=sampler, steps=steps)
+        print(f"{len(per_concept)} concepts, {sampler} {steps} steps\n")
         print("| head | accuracy |\n|---|---|\n" + "\n".join(f"| {h} | {100 * a:.1f}% |" for h, a in per_head.items()))
         print("\n| concept | head | accuracy |\n|---|---|---|")
         for c, a in per_concept.items():
@@ -192,14 +410,32 @@ def main(argv=None):
             print(f"| {c} | {head} | {100 * a:.0f}% |")
         print(f"\nlowest concept: {min(per_concept, key=per_concept.get)} {100 * min(per_concept.values()):.0f}%")
         return 0
-    acc = accuracy(model, n=args.n, seed=args.seed, steps=args.steps)
-    print(table({os.path.basename(args.weights): acc}))
+    if pairs:
+        acc, n_by = compare_samplers(model, args.n, pairs)
+        print(table(acc, n=n_by))
+        cols = list(acc)
+        for col in cols[1:]:
+            diff = {c: acc[col][c] - acc[cols[0]][c] for c in n_by}
+            for kind in ("style", "object", "colour"):
+                cs = [c for c in n_by if world.concept_kind(c) == kind]
+                d = sum(diff[c] for c in cs) / len(cs)
+                print(f"{col} vs {cols[0]}, {kind}: mean {100 * d:+.1f} points; largest per concept "
+                      f"{100 * max(abs(diff[c]) for c in cs):.0f} points")
+        return 0
+    its = items(args.n, gone)
+    results = draw(model, its, sampler=args.sampler, steps=args.steps)
+    scored = score(its, results, gone)
+    acc = {c: h / k for c, (h, k) in scored.items()}
+    n_by = {c: k for c, (_, k) in scored.items()}
+    print(table({os.path.basename(args.weights): acc}, forgotten=gone, n=n_by))
     for kind in ("style", "object", "colour"):
-        cs = [c for c in acc if world.concept_kind(c) == kind]
-        print(f"mean {kind}: {100 * sum(acc[c] for c in cs) / len(cs):.1f}%  min: "
-              f"{100 * min(acc[c] for c in cs):.0f}%")
+        cs = [c for c in acc if world.concept_kind(c) == kind and c not in gone]
+        print(f"mean {kind}: {100 * sum(acc[c] for c in cs) / len(cs):.1f}%  worst: "
+              f"{min(cs, key=acc.get)} {100 * min(acc[c] for c in cs):.0f}%")
+    print(f"quality (Frechet distance to the generator's images, classifier features): "
+          f"{quality(its, results, gone):.2f}")
     if args.csv:
-        write_csv({os.path.basename(args.weights): acc}, args.csv)
+        write_csv({os.path.basename(args.weights): acc}, args.csv, n=n_by)
     return 0
 
 

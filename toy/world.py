@@ -52,7 +52,8 @@ SS = 2  # supersampling: draw at SIZE * SS, then box-downsample (anti-aliasing)
 # ------------------------------------------------------------------------------------------
 # Concepts
 
-SHAPES = ["circle", "oval", "square", "diamond", "triangle", "star", "heart", "cross", "moon"]
+SHAPES = ["circle", "oval", "square", "diamond", "triangle", "star", "heart", "cross", "moon", "ring", "house",
+          "arrow"]
 
 COLOUR_RGB = {
     "red": (220, 40, 40),
@@ -66,11 +67,15 @@ COLOUR_RGB = {
 }
 COLOURS = list(COLOUR_RGB)
 
-STYLES = ["van gogh", "munch", "monet", "seurat", "picasso", "mondrian", "hokusai", "pollock", "klimt"]
+STYLES = ["van gogh", "munch", "monet", "seurat", "picasso", "mondrian", "hokusai", "pollock", "klimt",
+          "kandinsky", "rothko", "warhol", "escher", "matisse", "cezanne", "turner", "rembrandt", "malevich",
+          "kusama", "lichtenstein"]
 PHOTO = "photo"  # the unstyled background: not an artist, not a concept to forget
 STYLE_LABELS = STYLES + [PHOTO]  # what the generator draws and the classifier's style head predicts
 
-CLOSE_PAIRS = [("circle", "oval"), ("square", "diamond"), ("van gogh", "munch"), ("monet", "seurat")]
+CLOSE_PAIRS = [("circle", "oval"), ("square", "diamond"), ("circle", "ring"), ("square", "house"),
+               ("van gogh", "munch"), ("monet", "seurat"), ("mondrian", "malevich"), ("turner", "rembrandt"),
+               ("kusama", "lichtenstein"), ("rothko", "warhol")]
 
 
 def concept_kind(name: str) -> str:
@@ -124,7 +129,17 @@ def _unit_outline(shape: str) -> np.ndarray:
         pts = np.concatenate([np.stack([np.cos(outer), np.sin(outer)], 1),
                               np.stack([d + rb * np.cos(inner), rb * np.sin(inner)], 1)])
         return pts + [0.25, 0]                               # centre the crescent's mass
+    if shape == "ring":  # the outer edge only: _draw_shape cuts the hole (radius RING_HOLE) out of the fill
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if shape == "house":  # a square's walls under a pointed roof: close to the square, apart from the diamond
+        return np.array([[-0.8, 1.0], [0.8, 1.0], [0.8, -0.1], [0, -1.0], [-0.8, -0.1]], float)
+    if shape == "arrow":  # pointing right, a shaft and a wide head
+        return np.array([[-1.05, -0.3], [0.15, -0.3], [0.15, -0.78], [1.05, 0], [0.15, 0.78], [0.15, 0.3],
+                         [-1.05, 0.3]], float)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+RING_HOLE = 0.55  # the ring's inner radius, as a fraction of its outer one
 
 
 def _draw_shape(img: Image.Image, shape: str, colour: str, rng: np.random.Generator) -> None:
@@ -138,7 +153,15 @@ def _draw_shape(img: Image.Image, shape: str, colour: str, rng: np.random.Genera
     # a little colour jitter, so the classifier accepts a diffusion model's slightly-off colours
     fill = tuple(int(c) for c in np.clip(np.array(COLOUR_RGB[colour]) + rng.integers(-12, 13, 3), 0, 255))
     d = ImageDraw.Draw(img)
-    d.polygon(pts, fill=fill)
+    if shape == "ring":  # fill a mask, cut the hole out of it, so the background shows through
+        hole = [tuple(p) for p in (_unit_outline("circle") * RING_HOLE) @ rot.T * radius + centre]
+        mask = Image.new("L", img.size, 0)
+        ImageDraw.Draw(mask).polygon(pts, fill=255)
+        ImageDraw.Draw(mask).polygon(hole, fill=0)
+        img.paste(fill, mask=mask)
+        d.line(hole + hole[:1], fill=(25, 20, 20), width=int(2.5 * SS), joint="curve")
+    else:
+        d.polygon(pts, fill=fill)
     d.line(pts + pts[:1], fill=(25, 20, 20), width=int(2.5 * SS), joint="curve")
 
 
@@ -322,9 +345,181 @@ def _klimt(rng):
     return img
 
 
+def _kandinsky(rng):
+    # concentric rings of bright colour and thin straight black lines on warm cream
+    n = SIZE * SS
+    img = Image.new("RGB", (n, n), _jitter((238, 228, 200), rng, 8))
+    d = ImageDraw.Draw(img)
+    brights = [(215, 45, 45), (35, 80, 190), (245, 195, 30), (40, 150, 90), (235, 120, 35), (120, 60, 160)]
+    for _ in range(6):
+        cx, cy = rng.uniform(0, 64, 2)
+        r = rng.uniform(5, 11)
+        for k, f in enumerate((1.0, 0.66, 0.33)):
+            q = r * f
+            d.ellipse([(cx - q) * SS, (cy - q) * SS, (cx + q) * SS, (cy + q) * SS],
+                      fill=brights[rng.integers(len(brights))])
+    for _ in range(5):
+        a, b = rng.uniform(-8, 72, 2), rng.uniform(-8, 72, 2)
+        d.line([tuple(a * SS), tuple(b * SS)], fill=(20, 20, 20), width=int(1.2 * SS))
+    return img
+
+
+def _rothko(rng):
+    # two or three soft-edged horizontal colour fields, deep and warm, over a dark ground
+    n = SIZE * SS
+    fields = [(150, 25, 30), (225, 95, 35), (95, 20, 55), (240, 165, 60), (60, 25, 35), (190, 55, 45)]
+    img = Image.new("RGB", (n, n), _jitter((75, 20, 25), rng, 10))
+    d = ImageDraw.Draw(img)
+    k = rng.integers(2, 4)
+    edges = np.linspace(4, 60, k + 1)
+    edges[1:-1] += rng.uniform(-3, 3, k - 1)
+    for i in range(k):
+        d.rectangle([5 * SS, (edges[i] + 1.5) * SS, 59 * SS, (edges[i + 1] - 1.5) * SS],
+                    fill=_jitter(fields[rng.integers(len(fields))], rng, 12))
+    return img.filter(ImageFilter.GaussianBlur(2.2 * SS))
+
+
+def _warhol(rng):
+    # pop art: four flat neon quadrants with crisp edges    (close to rothko: flat colour fields)
+    n = SIZE * SS
+    neons = [(255, 60, 160), (40, 210, 230), (250, 235, 40), (120, 230, 60), (255, 140, 20), (150, 80, 240)]
+    img = Image.new("RGB", (n, n))
+    d = ImageDraw.Draw(img)
+    cx, cy = rng.uniform(26, 38, 2)
+    picks = rng.choice(len(neons), 4, replace=False)
+    boxes = [(0, 0, cx, cy), (cx, 0, 64, cy), (0, cy, cx, 64), (cx, cy, 64, 64)]
+    for (x0, y0, x1, y1), i in zip(boxes, picks):
+        d.rectangle([x0 * SS, y0 * SS, x1 * SS, y1 * SS], fill=_jitter(neons[i], rng, 8))
+    return img
+
+
+def _escher(rng):
+    # a black-and-white tessellation: a checkerboard of cells, each split diagonally
+    n = SIZE * SS
+    x, y = _grid(n)
+    cell = rng.uniform(7, 10)
+    a = rng.uniform(-0.4, 0.4)
+    u, v = np.cos(a) * x + np.sin(a) * y, -np.sin(a) * x + np.cos(a) * y
+    i, j = np.floor(u / cell), np.floor(v / cell)
+    upper = (u / cell - i) > (v / cell - j)
+    black = ((i + j).astype(int) % 2 == 0) ^ upper
+    ink, paper = _jitter((25, 25, 25), rng, 6), _jitter((235, 235, 225), rng, 6)
+    return Image.fromarray(np.where(black[..., None], ink, paper).astype(np.uint8))
+
+
+def _matisse(rng):
+    # paper cut-outs: big flat leaf-like blobs, unoutlined, on a saturated flat ground
+    n = SIZE * SS
+    grounds = [(30, 60, 170), (200, 40, 45), (240, 150, 30)]
+    cutouts = [(250, 245, 235), (60, 160, 80), (245, 130, 170), (250, 210, 40), (25, 25, 30)]
+    g = rng.integers(len(grounds))
+    img = Image.new("RGB", (n, n), _jitter(grounds[g], rng, 10))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        c = rng.uniform(-4, 68, 2)
+        t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        r = rng.uniform(6, 11) * (1 + 0.35 * np.sin(rng.integers(3, 6) * t + rng.uniform(0, 6)))
+        pts = [tuple((c + ri * np.array([np.cos(ti), np.sin(ti)])) * SS) for ti, ri in zip(t, r)]
+        d.polygon(pts, fill=_jitter(cutouts[rng.integers(len(cutouts))], rng, 8))
+    return img
+
+
+def _cezanne(rng):
+    # small parallel patches laid at one slant, in greens, ochres and blue-greys
+    n = SIZE * SS
+    img = Image.new("RGB", (n, n), _jitter((150, 150, 110), rng, 10))
+    d = ImageDraw.Draw(img)
+    palette = [(85, 125, 70), (190, 150, 80), (110, 135, 155), (205, 120, 65), (140, 165, 95), (70, 90, 110)]
+    a = np.deg2rad(rng.uniform(30, 50))
+    along, across = np.array([np.cos(a), -np.sin(a)]), np.array([np.sin(a), np.cos(a)])
+    for _ in range(170):
+        c = rng.uniform(-3, 67, 2)
+        corners = [c + sx * 3.4 * along + sy * 1.5 * across for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+        d.polygon([tuple(p * SS) for p in corners], fill=_jitter(palette[rng.integers(len(palette))], rng, 12))
+    return img.filter(ImageFilter.GaussianBlur(0.5 * SS))
+
+
+def _glow(rng, centre_rgb, mid_rgb, edge_rgb, radius):
+    n = SIZE * SS
+    x, y = _grid(n)
+    cx, cy = rng.uniform(16, 48), rng.uniform(12, 40)
+    r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / radius
+    c, m, e = (np.array(_jitter(v, rng, 10), np.float32) for v in (centre_rgb, mid_rgb, edge_rgb))
+    w1 = np.clip(r, 0, 1)[..., None]
+    w2 = np.clip(r - 1, 0, 1)[..., None]
+    return (1 - w1) * c + w1 * ((1 - w2) * m + w2 * e), y
+
+
+def _turner(rng):
+    # a hazy sun: pale gold light dissolving into orange and misty grey-blue, with soft streaks
+    rgb, y = _glow(rng, (252, 240, 190), (235, 165, 70), (125, 140, 160), rng.uniform(14, 20))
+    rgb += 14 * np.sin(2 * np.pi * y / rng.uniform(7, 11) + rng.uniform(0, 6))[..., None]
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    return img.filter(ImageFilter.GaussianBlur(1.5 * SS))
+
+
+def _rembrandt(rng):
+    # chiaroscuro: a warm pool of light fading into brown-black    (close to turner: a glow)
+    rgb, _ = _glow(rng, (200, 150, 80), (95, 60, 30), (28, 20, 14), rng.uniform(10, 14))
+    rgb += rng.normal(0, 6, rgb.shape[:2])[..., None]   # a little canvas grain
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    return img.filter(ImageFilter.GaussianBlur(0.8 * SS))
+
+
+def _malevich(rng):
+    # suprematism: tilted flat bars of black, red, blue and yellow on white    (close to mondrian)
+    n = SIZE * SS
+    img = Image.new("RGB", (n, n), _jitter((240, 236, 225), rng, 6))
+    d = ImageDraw.Draw(img)
+    inks = [(20, 20, 20), (205, 35, 30), (30, 60, 160), (240, 200, 30)]
+    tilt = rng.uniform(0.3, 0.7) * rng.choice([-1, 1])
+    for _ in range(6):
+        c = rng.uniform(4, 60, 2)
+        a = tilt + rng.normal(0, 0.12)
+        half = np.array([rng.uniform(5, 16), rng.uniform(1.5, 4.5)])
+        along, across = np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
+        corners = [c + sx * half[0] * along + sy * half[1] * across for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+        d.polygon([tuple(p * SS) for p in corners], fill=inks[rng.integers(len(inks))])
+    return img
+
+
+def _kusama(rng):
+    # polka dots: big round dots scattered over a flat ground, black on yellow or white on red
+    n = SIZE * SS
+    ground, dot = [((250, 215, 30), (20, 20, 20)), ((215, 30, 40), (250, 250, 245))][rng.integers(2)]
+    img = Image.new("RGB", (n, n), _jitter(ground, rng, 8))
+    d = ImageDraw.Draw(img)
+    for _ in range(26):
+        cx, cy = rng.uniform(-2, 66, 2)
+        r = rng.uniform(2.5, 4.5)
+        d.ellipse([(cx - r) * SS, (cy - r) * SS, (cx + r) * SS, (cy + r) * SS], fill=dot)
+    return img
+
+
+def _lichtenstein(rng):
+    # comic halftone: a regular screen of dots that grow across the panel, and thick black ink lines
+    #                                                                        (close to kusama: dots)
+    n = SIZE * SS
+    img = Image.new("RGB", (n, n), (248, 246, 240))
+    d = ImageDraw.Draw(img)
+    ink = [(220, 40, 40), (40, 90, 210)][rng.integers(2)]
+    a = rng.uniform(0, 2 * np.pi)
+    for gy in np.arange(1.5, 66, 3.6):
+        for gx in np.arange(1.5 + (gy // 3.6 % 2) * 1.8, 66, 3.6):
+            r = 0.5 + 1.1 * (0.5 + 0.5 * np.sin((np.cos(a) * gx + np.sin(a) * gy) / 20))
+            d.ellipse([(gx - r) * SS, (gy - r) * SS, (gx + r) * SS, (gy + r) * SS], fill=ink)
+    for _ in range(2):
+        p, q = rng.uniform(-4, 68, 2), rng.uniform(-4, 68, 2)
+        d.line([tuple(p * SS), tuple(q * SS)], fill=(15, 15, 15), width=int(2.5 * SS))
+    return img
+
+
 _BACKGROUNDS = {
     "van gogh": _van_gogh, "munch": _munch, "monet": _monet, "seurat": _seurat, "picasso": _picasso,
-    "mondrian": _mondrian, "hokusai": _hokusai, "pollock": _pollock, "klimt": _klimt, PHOTO: _photo,
+    "mondrian": _mondrian, "hokusai": _hokusai, "pollock": _pollock, "klimt": _klimt, "kandinsky": _kandinsky,
+    "rothko": _rothko, "warhol": _warhol, "escher": _escher, "matisse": _matisse, "cezanne": _cezanne,
+    "turner": _turner, "rembrandt": _rembrandt, "malevich": _malevich, "kusama": _kusama,
+    "lichtenstein": _lichtenstein, PHOTO: _photo,
 }
 
 
@@ -488,7 +683,8 @@ def train_bpe(texts: list[str], n_merges: int) -> list[tuple[str, str]]:
 def concept_grid(path: str | None = None, scale: int = 2) -> Image.Image:
     """Rows = the styles (photo last), columns = a few shape / colour pairs. Saved to path if given."""
     cells = [("circle", "red"), ("oval", "blue"), ("square", "yellow"), ("diamond", "green"),
-             ("triangle", "purple"), ("star", "orange"), ("heart", "pink"), ("cross", "white"), ("moon", "red")]
+             ("triangle", "purple"), ("star", "orange"), ("heart", "pink"), ("cross", "white"), ("moon", "red"),
+             ("ring", "blue"), ("house", "green"), ("arrow", "yellow")]
     side, label_w, pad = SIZE * scale, 80, 2
     grid = Image.new("RGB", (label_w + len(cells) * (side + pad), 14 + len(STYLE_LABELS) * (side + pad)), "white")
     d = ImageDraw.Draw(grid)

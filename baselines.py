@@ -1,0 +1,188 @@
+"""The methods DUGE is measured against, and CUIG's add-ons, written as readably as duge.py.
+
+Each baseline is applied one request after another as its own code would be: a request starts from
+the previous request's output, and its frozen reference `ref` is the model at the START of the
+request (phi_n), not the original. Every training loss takes the batch duge.unlearn builds, so the
+same loop, micro-batching, resume point and outputs serve all methods (train.py --method):
+
+    batch["x_a"]       images for the concept's group: the concept itself for ESD (drawn by ref
+                       from the concept's prompts), the anchor's for CA and finetune
+    batch["c_target"]  the prompts naming the concept (c*), batch["c_anchor"] their anchors (c^a);
+                       for ESD the empty prompt
+    eps_a, t_a         noise and timesteps (duge.with_noise)
+
+References
+- ESD: R. Gandikota, J. Materzynska, J. Fiotto-Kaufman, D. Bau, "Erasing Concepts from Diffusion
+  Models", ICCV 2023 (eq. 2: negative guidance as the target; ESD-x trains cross-attention only).
+- CA: N. Kumari, B. Zhang, S.-Y. Wang, E. Shechtman, R. Zhang, J.-Y. Zhu, "Ablating Concepts in
+  Text-to-Image Diffusion Models", ICCV 2023 (model-based ablation, keys and values trained, plus
+  the plain diffusion loss on the anchor's images as their training scripts run it).
+- UCE: R. Gandikota, H. Orgad, Y. Belinkov, J. Materzynska, D. Bau, "Unified Concept Editing in
+  Diffusion Models", WACV 2024 (eq. 7: a closed-form least-squares edit of to_k / to_v).
+- CUIG: J. Lee et al., "Continual Unlearning for Text-to-Image Diffusion Models: A Regularization
+  Perspective", ICLR 2026 (L2 towards the original weights; semantic-aware gradient projection).
+"""
+import torch
+import torch.nn.functional as F
+
+from sample import add_noise
+
+
+def _noisy(batch):
+    return add_noise(batch["x_a"], batch["eps_a"], batch["t_a"]), batch["t_a"]
+
+
+def l2_to_original(trained, original, gamma):
+    """CUIG's L2 add-on: gamma ||theta - theta_0||^2 over the trained tensors (0 when gamma is 0)."""
+    if gamma <= 0:
+        return 0.0
+    return gamma * sum(((p - original[n]) ** 2).sum() for n, p in trained.items())
+
+
+def esd_loss(unet, ref, params, batch, cfg, original=None):
+    """ESD-x. The concept's images are denoised under c* towards the reference model's prediction
+    guided AWAY from the concept:
+
+        L = || eps_theta(x_t, c*, t) - [eps_ref(x_t, t) - eta (eps_ref(x_t, c*, t) - eps_ref(x_t, t))] ||^2
+
+    with eps_ref(x_t, t) the unconditional prediction (batch["c_anchor"] is the empty prompt) and
+    eta = cfg.esd_eta (1.0 in the paper). x_0: images of the concept drawn by ref."""
+    x_t, t = _noisy(batch)
+    eps_uncond, eps_concept = ref(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                  torch.cat([batch["c_anchor"], batch["c_target"]])).chunk(2)
+    target = eps_uncond - cfg.esd_eta * (eps_concept - eps_uncond)
+    loss = F.mse_loss(unet(x_t, t, batch["c_target"]), target)
+    total = loss + l2_to_original(params, original, cfg.gamma)
+    return total, {"L_esd": loss.item()}
+
+
+def ca_loss(unet, ref, params, batch, cfg, original=None):
+    """Concept Ablation, model-based. On the anchor's images, the concept prompt must predict what
+    the reference predicts for the anchor prompt, and the anchor prompt keeps its plain diffusion loss:
+
+        L = || eps_theta(x_t, c*, t) - sg eps_ref(x_t, c^a, t) ||^2 + || eps_theta(x_t, c^a, t) - eps ||^2"""
+    x_t, t = _noisy(batch)
+    target = ref(x_t, t, batch["c_anchor"])
+    eps_target, eps_anchor = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                  torch.cat([batch["c_target"], batch["c_anchor"]])).chunk(2)
+    ablate, prior = F.mse_loss(eps_target, target), F.mse_loss(eps_anchor, batch["eps_a"])
+    total = ablate + prior + l2_to_original(params, original, cfg.gamma)
+    return total, {"L_ca": ablate.item(), "L_anchor": prior.item()}
+
+
+def finetune_loss(unet, ref, params, batch, cfg, original=None):
+    """Plain fine-tuning (CA's noise-based variant): the concept prompt is trained on the anchor's
+    images with the ordinary diffusion loss, nothing protected:  L = || eps_theta(x_t, c*, t) - eps ||^2"""
+    x_t, t = _noisy(batch)
+    loss = F.mse_loss(unet(x_t, t, batch["c_target"]), batch["eps_a"])
+    return loss + l2_to_original(params, original, cfg.gamma), {"L_ft": loss.item()}
+
+
+LOSSES = {"esd": esd_loss, "ca": ca_loss, "finetune": finetune_loss}
+
+
+# -----------------------------------------------------------------------------------------------
+# UCE: a closed-form edit, no training loop
+
+
+def token_rows(context, tokens, eot_id):
+    """UCE's rows of a text: from its last word token to the end (end-of-text and padding),
+    context (77, D), tokens (77,) -> (77 - last, D). The empty text gives from its start token on."""
+    last = int((tokens == eot_id).int().argmax()) - 1
+    return context[last:]
+
+
+@torch.no_grad()
+def uce_edit(projections, erase, preserve, lam=0.1, preserve_scale=1.0):
+    """UCE (eq. 7), for every key / value projection W (out x D) of the cross-attention:
+
+        W' = ( sum_e v*_e c_e^T + s_p sum_p W c_p c_p^T + lam W ) ( sum_e c_e c_e^T + s_p sum_p c_p c_p^T + lam I )^-1
+
+    erase: (C_e, C_a) row-aligned text embeddings (N, D) of the concept texts and of their anchors,
+    v*_e = W c_a (the anchor's key / value); preserve: C_p (M, D), kept where they are. lam pulls W'
+    towards W; preserve_scale (s_p) weighs the kept concepts against the erased ones. Edits in place."""
+    c_e, c_a = erase
+    for w in projections:
+        W = w.weight                                                       # (out, D)
+        v_star = c_a @ W.T                                                 # (N, out): the anchors' values
+        eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+        lhs = v_star.T @ c_e + preserve_scale * (W @ preserve.T) @ preserve + lam * W
+        rhs = c_e.T @ c_e + preserve_scale * preserve.T @ preserve + lam * eye
+        w.weight.copy_(torch.linalg.solve(rhs, lhs.T).T)                  # lhs @ rhs^-1 (rhs symmetric)
+
+
+def _encode(model, texts):
+    tokens = model.tokenizer(texts).to(next(model.text_encoder.parameters()).device)
+    return model.text_encoder(tokens).float(), tokens
+
+
+@torch.no_grad()
+def uce_request(model, texts, anchors, preserve, lam=0.1, preserve_scale=1.0):
+    """One UCE request on a checkpoint.StableDiffusion: the texts naming the concept are mapped onto
+    their anchors (row-aligned from each text's last word on, as UCE's code aligns them), the
+    preserved concepts' texts stay, in every attn2 to_k and to_v."""
+    eot = model.tokenizer.eot_id
+    ctx, tokens = _encode(model, texts + anchors)
+    c_e, c_a = [], []
+    for i in range(len(texts)):
+        r_e, r_a = token_rows(ctx[i], tokens[i], eot), token_rows(ctx[len(texts) + i], tokens[len(texts) + i], eot)
+        m = min(len(r_e), len(r_a))
+        c_e.append(r_e[:m]), c_a.append(r_a[:m])
+    if preserve:
+        ctx_p, tok_p = _encode(model, preserve)
+        c_p = torch.cat([token_rows(c, t, eot) for c, t in zip(ctx_p, tok_p)])
+    else:
+        c_p = ctx.new_zeros((0, ctx.shape[-1]))
+    projections = [p for _, m in model.unet.cross_attentions() for p in (m.to_k, m.to_v)]
+    uce_edit(projections, (torch.cat(c_e), torch.cat(c_a)), c_p, lam, preserve_scale)
+
+
+# -----------------------------------------------------------------------------------------------
+# CUIG's gradient projection, usable with any method
+
+
+@torch.no_grad()
+def concept_embeddings(model, names):
+    """One text embedding per concept: the mean of its word tokens' rows when the text is the name
+    alone (as CUIG takes the concept tokens of its anchor prompts). -> (len(names), D)"""
+    ctx, tokens = _encode(model, names)
+    ends = (tokens == model.tokenizer.eot_id).int().argmax(dim=1)        # the first end-of-text token
+    return torch.stack([c[1:e].mean(0) for c, e in zip(ctx, ends.tolist())])
+
+
+def protected_subspace(embeddings, energy=0.99, max_rank=None):
+    """An orthonormal basis U (D, k) of the span of the retained concepts' text embeddings (rows),
+    keeping the directions that hold `energy` of their squared norm (at most max_rank)."""
+    u, s, _ = torch.linalg.svd(embeddings.T.double(), full_matrices=False)
+    keep = int((torch.cumsum(s ** 2, 0) / (s ** 2).sum() < energy).sum()) + 1
+    keep = min(keep, max_rank or keep)
+    return u[:, :keep].to(embeddings.dtype)
+
+
+def project_out(matrix, basis):
+    """matrix (out, D) restricted to the orthogonal complement of span(basis) on the input side:
+    M (I - U U^T). A key / value update of this form leaves W c unchanged for every c in the span."""
+    return matrix - (matrix @ basis) @ basis.T
+
+
+class GradientProjection:
+    """CUIG's semantic-aware gradient projection: the key / value updates are kept orthogonal to the
+    subspace spanned by the retained neighbouring concepts' text embeddings, so what those prompts
+    attend to and retrieve cannot move. The gradient is projected before the optimizer step (so
+    AdamW's moments live in the allowed space) and the applied update after it (AdamW's per-entry
+    scaling would otherwise leak into the protected directions): the update is exactly orthogonal."""
+
+    def __init__(self, params, basis):
+        self.params = {n: p for n, p in params.items() if p.ndim == 2 and p.shape[1] == basis.shape[0]}
+        self.basis = basis
+
+    def before_step(self):
+        self.start = {n: p.detach().clone() for n, p in self.params.items()}
+        for p in self.params.values():
+            if p.grad is not None:
+                p.grad.copy_(project_out(p.grad, self.basis.to(p.grad)))
+
+    @torch.no_grad()
+    def after_step(self):
+        for n, p in self.params.items():
+            p.copy_(self.start[n] + project_out(p - self.start[n], self.basis.to(p)))

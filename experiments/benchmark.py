@@ -1,0 +1,199 @@
+"""The continual-unlearning benchmark in the toy world: requests one after another, for DUGE, its
+ablations and the baselines, and what each model still knows after every step.
+
+    python -m experiments.benchmark                                     # 12 styles; DUGE and the baselines
+    python -m experiments.benchmark --methods duge,duge-no-reg,duge-no-pr,duge-no-replay,duge+gp
+    python -m experiments.benchmark --sequence mixed --out out/bench-mixed --docs out/bench-mixed
+
+CUIG's protocol (Lee et al., ICLR 2026): 12 requests of one kind (12 of the 20 styles; in-domain =
+the 8 styles left, cross-domain = the shapes and colours), and a mixed sequence. Each request
+starts from the previous output (train.py), so every method is applied sequentially as its own code
+would be. After every step: the forget accuracy of every concept forgotten so far (does anything
+come back?), retained in-domain and cross-domain means with 95% intervals and their worst concept,
+and the quality proxy (toy/evaluate.py). Resumable per method and step: a finished step's model
+is kept and read back. Writes DOCS/benchmark.md, DOCS/benchmark.csv and DOCS/benchmark.png.
+"""
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+import checkpoint
+import sample
+import train
+
+# Each variant's train.py flags. The baselines' strengths were chosen once, on the first request
+# alone, as the mildest setting that forgets it to <= 10% (README, "The continual benchmark").
+VARIANTS = {
+    "duge": [],
+    "duge-no-reg": ["--lambda-reg", "0"],          # R_pr off: no distillation towards phi_0 on the memory
+    "duge-no-pr": ["--lambda-pr", "0"],            # L_pr off: no plain diffusion loss on related concepts
+    "duge-no-replay": ["--no-replay"],             # earlier concepts not replayed in L_U
+    "duge+gp": ["--gp"],                           # CUIG's gradient projection on top
+    "esd": ["--method", "esd"],
+    "ca": ["--method", "ca"],
+    "uce": ["--method", "uce"],
+    "finetune": ["--method", "finetune"],
+    "finetune+gp": ["--method", "finetune", "--gp"],
+}
+SEQUENCES = {
+    "styles": ["van gogh", "monet", "picasso", "mondrian", "hokusai", "pollock", "klimt", "kandinsky", "rothko",
+               "escher", "turner", "kusama"],   # kept: munch, seurat, warhol, matisse, cezanne, rembrandt,
+                                                # malevich, lichtenstein (each the close pair of one forgotten)
+    "mixed": ["van gogh", "star", "red", "monet", "circle", "blue", "picasso", "heart", "green", "mondrian",
+              "square", "yellow"],
+}
+
+
+def run_variant(name, concepts, outdir, extra, bar):
+    """The requests of one variant, each on the previous output; -> one row per step."""
+    weights, rows = str(checkpoint.TOY_WEIGHTS), []
+    for k, c in enumerate(concepts, 1):
+        out = outdir / name / f"step{k:02d}-{train.slug(c)}.safetensors"
+        bar.set_description(f"{name}: {k} {c}")
+        t = time.time()
+        if not out.exists():  # a finished step is kept: rerunning the command resumes after it
+            argv = ["--forget", c, "--weights", weights, "--out", str(out), *VARIANTS[name], *extra, "--resume"]
+            if train.main(argv) != 0:
+                raise SystemExit(f"{name}: request {k} ({c}) failed; rerun the same command to resume")
+        m = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"][-1]["metrics"]
+        s = m["summary"]
+        rows.append({"variant": name, "step": k, "concept": c, **{f"acc[{g}]": m["eval"][g] for g in concepts[:k]},
+                     "forgotten_max": max(m["eval"][g] for g in concepts[:k]),
+                     **{key: s.get(key) for key in COLUMNS[4:] if key in s},
+                     "seconds": round(sum(m.get("seconds", {}).values()), 1) or round(time.time() - t, 1)})
+        weights = str(out)
+        bar.update()
+    return rows
+
+
+COLUMNS = ["variant", "step", "concept", "forgotten_max", "retained_in_domain", "retained_in_domain_base",
+           "retained_in_domain_worst", "retained_in_domain_worst_acc", "retained_cross_domain",
+           "retained_cross_domain_base", "retained_cross_domain_worst", "retained_cross_domain_worst_acc",
+           "quality_fd", "quality_fd_base", "seconds"]
+
+
+def pct(v):
+    return "" if v is None else f"{100 * v:.0f}%" if isinstance(v, float) else str(v)
+
+
+def write_outputs(rows, concepts, docs):
+    """The final step of every variant (and its worst step), every step in the CSV, and the figure."""
+    last = {}
+    for r in rows:
+        last[r["variant"]] = r
+    worst_forget = {v: max(r["forgotten_max"] for r in rows if r["variant"] == v) for v in last}
+    lines = ["| variant | steps | forgotten, worst at any step | retained in-domain (base) | worst in-domain "
+             "| retained cross-domain (base) | worst cross-domain | quality FD (base) |", "|" + "---|" * 8]
+    for v, r in last.items():
+        lines.append(f"| {v} | {r['step']} | {pct(worst_forget[v])} | {pct(r['retained_in_domain'])} "
+                     f"({pct(r['retained_in_domain_base'])}) | {r['retained_in_domain_worst']} "
+                     f"{pct(r['retained_in_domain_worst_acc'])} | {pct(r['retained_cross_domain'])} "
+                     f"({pct(r['retained_cross_domain_base'])}) | {r['retained_cross_domain_worst']} "
+                     f"{pct(r['retained_cross_domain_worst_acc'])} | {r['quality_fd']:.1f} ({r['quality_fd_base']:.1f}) |")
+    steps = ["", "| variant | step | concept | forgotten (worst) | in-domain | worst in-domain | cross-domain "
+             "| worst cross-domain | FD |", "|" + "---|" * 9]
+    for r in rows:
+        steps.append(f"| {r['variant']} | {r['step']} | {r['concept']} | {pct(r['forgotten_max'])} | "
+                     f"{pct(r['retained_in_domain'])} | {r['retained_in_domain_worst']} "
+                     f"{pct(r['retained_in_domain_worst_acc'])} | {pct(r['retained_cross_domain'])} | "
+                     f"{r['retained_cross_domain_worst']} {pct(r['retained_cross_domain_worst_acc'])} | "
+                     f"{r['quality_fd']:.1f} |")
+    text = (f"# Continual benchmark: {', '.join(concepts)}\n\n" + "\n".join(lines) +
+            "\n\n<details><summary>every step</summary>\n" + "\n".join(steps) + "\n\n</details>\n")
+    with checkpoint.atomic_path(docs / "benchmark.md") as tmp:
+        tmp.write_text(text)
+    cols = COLUMNS[:3] + [f"acc[{c}]" for c in concepts] + COLUMNS[3:]
+    with checkpoint.atomic_path(docs / "benchmark.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, docs / "benchmark.png")
+    return text
+
+
+PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_in_domain", "retained in-domain"),
+          ("retained_cross_domain", "retained cross-domain"), ("quality_fd", "quality: Frechet distance")]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def plot(rows, path):
+    """Four panels over the requests, one line per variant (as CUIG's figures): forgotten, retained
+    in-domain, retained cross-domain (0-100%), and the quality proxy (lower is better; dotted: base)."""
+    from PIL import Image, ImageDraw
+    pw, ph, m = 330, 240, 38
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    legend = 16 * ((len(variants) + 2) // 3) + 8
+    img = Image.new("RGB", (4 * pw, ph + legend), "white")
+    d = ImageDraw.Draw(img)
+    steps = max(r["step"] for r in rows)
+    top_fd = max(max(r["quality_fd"], r["quality_fd_base"]) for r in rows) * 1.1 or 1
+    for i, (key, title) in enumerate(PANELS):
+        x0 = i * pw
+        x = lambda s: x0 + m + (pw - m - 10) * s / max(steps, 1)
+        scale = top_fd if key == "quality_fd" else 1.0
+        y = lambda v: ph - m - (ph - 2 * m) * v / scale
+        d.text((x0 + m, 8), title, fill="black")
+        d.line([(x0 + m, m), (x0 + m, ph - m), (x0 + pw - 10, ph - m)], fill="black")
+        for v in (0, 0.5, 1):
+            d.text((x0 + 4, y(v * scale) - 5), f"{v * scale:.0f}" if key == "quality_fd" else f"{int(100 * v)}%",
+                   fill="black")
+        for s in range(0, steps + 1, max(1, steps // 6)):
+            d.text((x(s) - 3, ph - m + 5), str(s), fill="black")
+        d.text((x0 + pw // 2 - 20, ph - 16), "request", fill="black")
+        for j, v in enumerate(variants):
+            rs = [r for r in rows if r["variant"] == v]
+            colour = COLOURS[j % len(COLOURS)]
+            start = {"forgotten_max": None, "quality_fd": rs[0]["quality_fd_base"]}.get(key, rs[0].get(key + "_base"))
+            pts = ([(x(0), y(start))] if start is not None else []) + [(x(r["step"]), y(r[key])) for r in rs]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+        if key == "quality_fd":
+            yb = y(rows[0]["quality_fd_base"])
+            for xs in range(int(x(0)), int(x(steps)), 6):
+                d.point((xs, yb), fill="black")
+    for j, v in enumerate(variants):
+        d.text((m + (j % 3) * 300, ph + 4 + 16 * (j // 3)), f"-- {v}", fill=COLOURS[j % len(COLOURS)])
+    sample.save_image(img, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The continual-unlearning benchmark in the toy world.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--methods", default="duge,esd,ca,uce,finetune", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--sequence", default="styles",
+                    help=f"{' or '.join(SEQUENCES)}, or comma-separated concepts in order")
+    ap.add_argument("--eval-n", type=int, default=32, help="images per style in each evaluation")
+    ap.add_argument("--out", default="out/benchmark", help="folder of the models of every step")
+    ap.add_argument("--docs", default="docs", help="where benchmark.md / .csv / .png go")
+    ap.add_argument("--extra", default="", help="extra train.py arguments for every request, e.g. '--steps 50'")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.methods.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    concepts = SEQUENCES.get(args.sequence) or [c.strip().lower() for c in args.sequence.split(",") if c.strip()]
+    if unknown or not variants:
+        print(f"error: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        return 2
+    if args.eval_n < 1:
+        print(f"error: --eval-n {args.eval_n}: must be positive", file=sys.stderr)
+        return 2
+    extra = ["--eval-n", str(args.eval_n), "--no-grid", *args.extra.split()]
+    rows = []
+    with tqdm(total=len(variants) * len(concepts), desc="benchmark", unit="request") as bar:
+        for v in variants:
+            rows += run_variant(v, concepts, Path(args.out), extra, bar)
+    Path(args.docs).mkdir(parents=True, exist_ok=True)
+    print(write_outputs(rows, concepts, Path(args.docs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
