@@ -4,13 +4,18 @@
     python train.py --forget "monet" --weights out/forget-van-gogh.safetensors
     python train.py --forget "van gogh" --forget "picasso"              # two requests in a row
     python train.py --forget "van gogh" --weights v1-5-pruned-emaonly.safetensors   # real SD v1
+    python train.py --forget "van gogh" --method esd                     # a baseline (baselines.py)
 
 Each request (a "decremental step"): duge.recipe says which concepts feed each loss, concepts.py
 turns them into prompts, the ORIGINAL model phi_0 draws their images (cached on disk), duge.unlearn
 trains the cross-attention keys and values, and we write the model (same format as the input, the
 ledger of every forgotten concept in its metadata), a delta file (the trained tensors and phi_0's:
 the next request distils towards the original through it), a before/after grid and, in the toy
-world, the evaluation table (toy/evaluate.py).
+world, the evaluation table (toy/evaluate.py) and the time each phase took.
+
+--method esd|ca|uce|finetune runs a baseline through the same steps and outputs instead, with the
+model at the start of the request as its frozen reference (as its own code applies it in a sequence);
+--gp adds CUIG's gradient projection to any trained method.
 """
 import argparse
 import dataclasses

@@ -289,3 +289,28 @@ def test_every_long_phase_shows_a_progress_bar(tmp_path):
     for bar in ("phi_0 images: anchor", "phi_0 images: related", "phi_0 images: memory", "unlearning",
                 "before/after grid"):
         assert f"{bar}: 100%" in r.stderr, bar
+
+
+@pytest.mark.parametrize("method,changed", [("esd", ("to_q", "to_k", "to_v", "to_out")), ("ca", ("to_k", "to_v")),
+                                            ("uce", ("to_k", "to_v")), ("finetune", ("to_k", "to_v"))])
+def test_every_baseline_runs_two_requests_with_the_same_outputs_and_ledger(tmp_path, method, changed):
+    """train.py --method X: each request starts from the previous output, changes only the method's
+    tensors, and the delta file still carries the ORIGINAL model (for the evaluation and the L2 add-on)."""
+    import train
+    from safetensors.torch import load_file
+    w = tiny_sd(tmp_path / "m.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert train.main(["--forget", "van gogh", "--forget", "apple", "--weights", str(w), "--out", str(out),
+                       "--method", method, "--no-grid", *FAST]) == 0
+    ledger = json.loads(checkpoint.load(out).meta["duge.ledger"])
+    assert [(s["concept"], s["metrics"]["method"]) for s in ledger["steps"]] == [("van gogh", method), ("apple", method)]
+    base, first, final = (dict(checkpoint.load(p).unet.named_parameters())
+                          for p in (w, tmp_path / "forget-van-gogh.safetensors", out))
+    moved = {n for n in base if not torch.equal(base[n], final[n])}
+    assert moved and all(".attn2." in n and n.split(".attn2.")[1].split(".")[0] in changed for n in moved), moved
+    assert any(not torch.equal(first[n], final[n]) for n in moved)           # the second request changed it again
+    delta = load_file(str(tmp_path / "o.delta.safetensors"))
+    for n, v in delta.items():
+        if n.startswith("phi0."):
+            assert torch.equal(v, base[n.removeprefix("phi0.")].to(v.dtype)), n
+    assert not (tmp_path / "o.grid.png").exists()                            # --no-grid

@@ -116,7 +116,7 @@ def counts_for(item, concept, forgotten):
 
 
 @torch.no_grad()
-def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidance=None, batch=128,
+def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidance=None, batch=64,
          desc="evaluation"):
     """Draw and score each item: key -> {"pred": [style, shape, colour], "feat": hidden features}.
     Items already in `cache` (a dict, e.g. the base model's results) are not drawn again."""

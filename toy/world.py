@@ -703,4 +703,4 @@ def concept_grid(path: str | None = None, scale: int = 2) -> Image.Image:
 
 
 if __name__ == "__main__":
-    concept_grid("docs/toyworld_concepts.png")
+    concept_grid("docs/toyworld_concepts.png", scale=1)
