@@ -49,6 +49,45 @@ SEQUENCES = {
 }
 
 
+# Strengths tried by --calibrate, mildest first: training steps at the shared lr (1e-3) for the trained
+# baselines; for UCE, the weight of the preserved concepts (more weight: a milder edit).
+STRENGTHS = {"esd": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
+             "ca": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
+             "finetune": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
+             "uce": [["--uce-preserve", w] for w in ("10", "3", "1", "0.3", "0.1")]}
+
+
+def forget_accuracy(weights, concept, n):
+    """How often the concept is still recognised: its own n evaluation images only."""
+    from toy import evaluate
+    its = [it for it in evaluate.items(n, [concept]) if evaluate.counts_for(it, concept, [concept])]
+    h, k = evaluate.score(its, evaluate.draw(checkpoint.load(weights), its), [concept], [concept])[concept]
+    return h / k
+
+
+def calibrate(methods, concept, outdir, n, extra):
+    """For each baseline, the mildest strength that forgets the first request's concept to <= 10%,
+    on that request alone. -> {method: flags}, also written to OUT/calibration.json."""
+    path, chosen, lines = outdir / "calibration.json", {}, []
+    for m in [m for m in methods if m in STRENGTHS]:
+        for flags in STRENGTHS[m]:
+            out = outdir / "calibrate" / m / f"{'-'.join(flags).strip('-')}.safetensors"
+            if not out.exists() and train.main(["--forget", concept, "--out", str(out), *VARIANTS[m], *flags,
+                                               "--no-eval", "--no-grid", *extra]) != 0:
+                raise SystemExit(f"calibration of {m} with {' '.join(flags)} failed")
+            acc = forget_accuracy(out, concept, n)
+            lines.append(f"| {m} | `{' '.join(flags)}` | {100 * acc:.0f}% |")
+            print(f"  {m} {' '.join(flags)}: {concept} recognised {100 * acc:.0f}%", file=sys.stderr)
+            if acc <= 0.10:
+                chosen[m] = flags
+                break
+        else:
+            chosen[m] = flags  # none reached 10%: the strongest, and the table says so
+    with checkpoint.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(chosen, indent=1))
+    return chosen, ["| method | setting | " + concept + " recognised |", "|---|---|---|"] + lines
+
+
 def run_variant(name, concepts, outdir, extra, bar):
     """The requests of one variant, each on the previous output; -> one row per step."""
     weights, rows = str(checkpoint.TOY_WEIGHTS), []
@@ -81,7 +120,7 @@ def pct(v):
     return "" if v is None else f"{100 * v:.0f}%" if isinstance(v, float) else str(v)
 
 
-def write_outputs(rows, concepts, docs):
+def write_outputs(rows, concepts, docs, calibration=()):
     """The final step of every variant (and its worst step), every step in the CSV, and the figure."""
     last = {}
     for r in rows:
@@ -103,6 +142,9 @@ def write_outputs(rows, concepts, docs):
                      f"{pct(r['retained_in_domain_worst_acc'])} | {pct(r['retained_cross_domain'])} | "
                      f"{r['retained_cross_domain_worst']} {pct(r['retained_cross_domain_worst_acc'])} | "
                      f"{r['quality_fd']:.1f} |")
+    if calibration:
+        lines += ["", "Each baseline's strength, chosen on the first request alone (the mildest that forgets it "
+                      "to <= 10%):", "", *calibration]
     text = (f"# Continual benchmark: {', '.join(concepts)}\n\n" + "\n".join(lines) +
             "\n\n<details><summary>every step</summary>\n" + "\n".join(steps) + "\n\n</details>\n")
     with checkpoint.atomic_path(docs / "benchmark.md") as tmp:
@@ -174,6 +216,9 @@ def main(argv=None):
     ap.add_argument("--out", default="out/benchmark", help="folder of the models of every step")
     ap.add_argument("--docs", default="docs", help="where benchmark.md / .csv / .png go")
     ap.add_argument("--extra", default="", help="extra train.py arguments for every request, e.g. '--steps 50'")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="first choose each baseline's strength on the first request alone (the mildest that "
+                         "forgets it to <= 10%%); later runs read it from OUT/calibration.json")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -186,12 +231,19 @@ def main(argv=None):
         print(f"error: --eval-n {args.eval_n}: must be positive", file=sys.stderr)
         return 2
     extra = ["--eval-n", str(args.eval_n), "--no-grid", *args.extra.split()]
+    out, table = Path(args.out), []
+    if args.calibrate:
+        chosen, table = calibrate(variants, concepts[0], out, args.eval_n, args.extra.split())
+        print("\n".join(table))
+    saved = out / "calibration.json"
+    for m, flags in (json.loads(saved.read_text()) if saved.exists() else {}).items():
+        VARIANTS[m] = VARIANTS[m] + flags
     rows = []
     with tqdm(total=len(variants) * len(concepts), desc="benchmark", unit="request") as bar:
         for v in variants:
-            rows += run_variant(v, concepts, Path(args.out), extra, bar)
+            rows += run_variant(v, concepts, out, extra, bar)
     Path(args.docs).mkdir(parents=True, exist_ok=True)
-    print(write_outputs(rows, concepts, Path(args.docs)))
+    print(write_outputs(rows, concepts, Path(args.docs), table))
     return 0
 
 

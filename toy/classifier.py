@@ -6,14 +6,16 @@ ImageNet ResNet-50. A small CNN, four stride-2 convolutions (64 -> 4 pixels) and
 hidden layer, with one linear head per concept kind.
 
 It is trained on images drawn fresh from the generator at every step (world.sample_batch),
-so it never sees the same image twice and cannot overfit. Light augmentation (noise, blur,
-small colour shifts) makes it tolerant of the slightly soft, slightly off images a small
-diffusion model produces.
+so it never sees the same image twice and cannot overfit. Half of them pass through the toy
+model's autoencoder first (every image the diffusion model draws does, and the autoencoder washes
+out some textures), and light augmentation (noise, blur, small colour shifts) makes it tolerant of
+the slightly soft, slightly off images a small diffusion model produces. So it is trained after
+the toy model (python -m toy.train), whose autoencoder it reads.
 
 Images go in as float tensors (B, 3, 64, 64) in [-1, 1]: the range of world.to_tensor and
 of VAE.decode (values outside are clamped).
 
-    python -m toy.classifier --out weights/toy_classifier.safetensors
+    python -m toy.classifier --out weights/toy_classifier.safetensors      # after python -m toy.train
 """
 
 import argparse
@@ -107,9 +109,25 @@ def _targets(labels: dict[str, list[str]], names: dict[str, list[str]]) -> dict[
     return {h: torch.tensor([labels[h].index(n) for n in names[h]]) for h in HEADS}
 
 
-def train_classifier(out: str = DEFAULT_PATH, steps: int = 1200, batch: int = 128, lr: float = 2e-3,
-                     seed: int = TRAIN_SEED, cfg: ClassifierConfig = ClassifierConfig()) -> ConceptClassifier:
-    torch.set_num_threads(1)  # the CPU is shared
+@torch.no_grad()
+def through_vae(x: torch.Tensor, vae, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """A random share p of the images encoded and decoded by the toy model's autoencoder: every image
+    the diffusion model draws passes through it, and it washes out some textures (monet's pastel
+    blobs come back close to a plain photo background), so the classifier must know that look."""
+    pick = torch.rand(x.shape[0], generator=gen) < p
+    if vae is None or not pick.any():
+        return x
+    mean, _ = vae.posterior(x[pick])
+    x = x.clone()
+    x[pick] = vae.decode(mean * vae.cfg.scale_factor).clamp(-1, 1)
+    return x
+
+
+def train_classifier(out: str = DEFAULT_PATH, steps: int = 1000, batch: int = 128, lr: float = 2e-3,
+                     seed: int = TRAIN_SEED, cfg: ClassifierConfig = ClassifierConfig(), vae=None,
+                     threads: int = 1) -> ConceptClassifier:
+    """vae: the toy model's autoencoder (half the training images pass through it), or None."""
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     labels = _labels()
@@ -120,7 +138,7 @@ def train_classifier(out: str = DEFAULT_PATH, steps: int = 1200, batch: int = 12
     bar = tqdm(range(steps), desc="classifier")
     for step in bar:
         images, _, names = world.sample_batch(batch, rng)  # fresh images every step
-        logits = model(augment(images, gen))
+        logits = model(augment(through_vae(images, vae, gen), gen))
         targets = _targets(labels, names)
         loss = sum(F.cross_entropy(logits[h], targets[h]) for h in HEADS)
         opt.zero_grad(set_to_none=True)
@@ -182,13 +200,20 @@ def heldout_accuracy(model: ConceptClassifier | None = None, n: int = 400, seed:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_PATH)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--vae-of", default=os.path.join(ROOT, "weights", "toy_sd.safetensors"),
+                   help="the toy model whose autoencoder half the training images pass through ('' for none)")
     args = p.parse_args()
     t0 = time.time()
-    model = train_classifier(args.out, args.steps, args.batch, args.lr, args.seed)
+    vae = None
+    if args.vae_of:
+        from checkpoint import load
+        vae = load(args.vae_of).vae.requires_grad_(False)
+    model = train_classifier(args.out, args.steps, args.batch, args.lr, args.seed, vae=vae, threads=args.threads)
     minutes = (time.time() - t0) / 60
     acc = heldout_accuracy(model, n=1000)
     print(f"trained in {minutes:.1f} min; held-out accuracy (1000 images): "

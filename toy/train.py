@@ -1,6 +1,7 @@
 """Train the toy text-to-image model from scratch on the procedural toy world (toy/world.py).
 
-    python -m toy.train --threads 1     # writes weights/toy_sd.safetensors (about an hour on one CPU core)
+    python -m toy.train --threads 2     # writes weights/toy_sd.safetensors (84 minutes on 2 CPU cores)
+    python -m toy.classifier            # then the classifier, which reads this model's autoencoder
 
 The toy model is Stable Diffusion v1 in miniature: the SAME classes (clip_text.TextEncoder,
 unet.UNet, vae.VAE) at small configurations, stored in the same CompVis single-file layout, so
@@ -33,7 +34,7 @@ from clip_text import TextConfig, TextEncoder, Tokenizer
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
-# Sized for a 2-core CPU: about 0.3-0.5 s per UNet step at batch 32, 0.6 s per VAE step at batch 16.
+# Sized for a 2-core CPU: about 0.6 s per UNet + text step at batch 32, 0.5 s per VAE step at batch 16.
 TOY_UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 4),
                       num_res_blocks=1, attention_levels=(1, 2), num_heads=4, context_dim=128,
                       norm_groups=16)
