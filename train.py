@@ -221,9 +221,10 @@ def run_request(model, world, concept, cfg, args, out):
                "final_losses": history[-1] if history else last}
     if is_toy(model) and not args.no_eval:
         from toy import evaluate
-        with phase("evaluation"):  # phi_0's results are cached per image in the cache folder
+        base_cache = Path(args.cache) / fingerprint(model, phi0) / "base_eval.json"  # per image, for every method
+        with phase("evaluation"):
             metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
-                                           paths["csv"], folder / "base_eval.json"))
+                                           paths["csv"], base_cache))
     metrics["seconds"] = {k: round(v, 1) for k, v in phases.items()}
     ledger["steps"].append({"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
                             "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
