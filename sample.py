@@ -182,11 +182,11 @@ def check_numbers(guidance, eta):
 @torch.no_grad()
 def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", eta=0.0,
              height=None, width=None, negative="", latents=None, dtype=None, progress=False,
-             callback=None, decode=True):
+             callback=None, decode=True, seeds=None):
     """prompts -> images (B, 3, H, W) in [0, 1]. `model` is a checkpoint.StableDiffusion.
     With decode=False, the final latents x_0 instead (what training on latents needs).
 
-    Image i starts from noise drawn with seed `seed + i`, so it does not change with the batch
+    Image i starts from noise drawn with seed `seed + i` (or `seeds[i]`), so it does not change with the batch
     size. height/width default to the model's native resolution (512 for SD v1, 64 for the toy
     model). `latents` overrides the initial noise. `dtype` casts the models for this call.
     """
@@ -213,7 +213,9 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
 
     cond = encode_prompts(model, prompts)                                      # (B, 77, D)
     uncond = encode_prompts(model, [negative] * B if isinstance(negative, str) else negative)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(B)]
+    if seeds is not None and len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+    generators = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else range(seed, seed + B))]
     if latents is None:
         shape = (B, model.unet.cfg.in_channels, height // f, width // f)
         latents = per_image_noise(shape, generators, device, mdtype)          # x_T ~ N(0, I)
@@ -242,12 +244,8 @@ def generate_cached(model, prompts, per_prompt, folder, desc="images", batch=64,
     step = max(1, batch // per_prompt)
     for i in tqdm(range(0, len(todo), step), desc=desc, unit="batch", disable=not todo):
         part = todo[i:i + step]
-        cfg = model.unet.cfg
-        size = (kwargs.get("height") or model.image_size) // model.vae.downscale, \
-               (kwargs.get("width") or model.image_size) // model.vae.downscale
-        gens = [torch.Generator().manual_seed(k) for _ in part for k in range(per_prompt)]
-        noise = per_image_noise((len(gens), cfg.in_channels, *size), gens, "cpu", torch.float32)
-        x0 = generate(model, [p for p in part for _ in range(per_prompt)], decode=False, latents=noise, **kwargs)
+        x0 = generate(model, [p for p in part for _ in range(per_prompt)], decode=False,
+                      seeds=[k for _ in part for k in range(per_prompt)], **kwargs)
         for p, lat in zip(part, x0.cpu().split(per_prompt)):
             with atomic_path(where[p]) as tmp:
                 save_file({"latents": lat.contiguous()}, str(tmp), metadata={"prompt": p})

@@ -72,9 +72,11 @@ class ConceptClassifier(nn.Module):
         h = self.features(images.clamp(-1, 1))  # (B, C, 4, 4)
         return F.relu(self.hidden(h.flatten(1)))
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, with_features: bool = False):
+        """-> logits (B, n_classes) per head; with_features: (logits, the hidden features) from one pass."""
         h = self.embed(images)
-        return {name: head(h) for name, head in self.heads.items()}  # logits (B, n_classes) per head
+        logits = {name: head(h) for name, head in self.heads.items()}
+        return (logits, h) if with_features else logits
 
 
 # ------------------------------------------------------------------------------------------

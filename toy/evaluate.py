@@ -125,16 +125,12 @@ def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidanc
     guidance = model.guidance if guidance is None else guidance
     cache = {} if cache is None else cache
     todo = list({it.key: it for it in its if it.key not in cache}.values())
-    f, c = model.vae.downscale, model.unet.cfg.in_channels
     for i in tqdm(range(0, len(todo), batch), desc=desc, unit="batch", disable=not todo):
         part = todo[i:i + batch]
-        gens = [torch.Generator().manual_seed(it.seed) for it in part]
-        noise = sample.per_image_noise((len(part), c, model.image_size // f, model.image_size // f), gens, "cpu",
-                                       torch.float32)
         images = sample.generate(model, [it.prompt for it in part], steps=steps, guidance=guidance,
-                                 sampler=sampler, latents=noise)
+                                 sampler=sampler, seeds=[it.seed for it in part])
         x = images * 2 - 1  # generate gives [0, 1], the classifier [-1, 1]
-        logits, feats = clf(x.float()), clf.embed(x.float())
+        logits, feats = clf(x.float(), with_features=True)
         for j, it in enumerate(part):
             cache[it.key] = {"pred": [clf.labels[h][logits[h][j].argmax().item()] for h in ("style", "shape", "colour")],
                              "feat": [round(v, 4) for v in feats[j].tolist()]}
@@ -357,9 +353,9 @@ def compare_samplers(model, n, samplers):
     its = items(n)
     out = {}
     for name, steps in samplers:
-        results = draw(model, its, sampler=name, steps=steps, desc=f"{name} {steps} steps")
-        out[f"{name} {steps}"] = {c: h / k for c, (h, k) in score(its, results, ()).items()}
-    return out, {c: k for c, (_, k) in score(its, results, ()).items()}
+        scored = score(its, draw(model, its, sampler=name, steps=steps, desc=f"{name} {steps} steps"), ())
+        out[f"{name} {steps}"] = {c: h / k for c, (h, k) in scored.items()}
+    return out, {c: k for c, (_, k) in scored.items()}
 
 
 def main(argv=None):
