@@ -350,7 +350,16 @@ def _build(unet_sd, vae_sd, text_sd, cfgs, path, device, dtype):
     unet = _load_strict(UNet, cfgs["unet"], unet_sd, "UNet", path, device, dtype)
     vae = _load_strict(VAE, cfgs["vae"], vae_sd, "VAE", path, device, dtype)
     text = _load_strict(TextEncoder, cfgs["text"], text_sd, "text encoder", path, device, dtype)
-    return unet, vae, text
+    return fast_layout(unet), fast_layout(vae), text
+
+
+def fast_layout(module):
+    """On CPU, convolution weights in channels-last layout (the UNet moves its input to match): oneDNN's
+    convolutions run faster so, on the toy model 13% for the UNet and 30% for the VAE decoder, one thread
+    (same outputs within 5e-6). Saving makes every tensor contiguous again."""
+    if next(module.parameters()).device.type == "cpu":
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def _check_tokenizer(tok, cfg, path):

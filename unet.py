@@ -281,7 +281,7 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # int, 0-d or (B,) -> (B,)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4C)
         skips = []
-        h = x
+        h = x.contiguous(memory_format=self.memory_format())  # channels-last on CPU: checkpoint.fast_layout
         for block in self.input_blocks:
             h = self.run(block, h, emb, context)
             skips.append(h)
@@ -289,6 +289,12 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = self.run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)                                 # (B, 4, h, w)
+
+    def memory_format(self):
+        """The layout of the convolution weights (checkpoint.fast_layout), which inputs should share."""
+        w = self.input_blocks[0][0].weight
+        return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() \
+            else torch.contiguous_format
 
     def cross_attentions(self):
         """Every attn2 (text cross-attention) with its name, in the order forward calls them."""

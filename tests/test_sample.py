@@ -58,55 +58,52 @@ def _eps_fn(unet, ctx, uctx, guidance):
     return eps
 
 
+def _guided_start(seed, guidance):
+    """A tiny diffusers UNet under guidance (eps(x, t)) and a starting latent."""
+    unet = tiny_diffusers_unet()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    return _eps_fn(unet, ctx, uctx, guidance), x
+
+
+def _same_trajectory(ours_fn, sch, eps, x, **step_kw):
+    """Our sampler (ours_fn(eps, x, callback)) and a diffusers scheduler agree after every step. -> ours"""
+    ours, ref, xr = [], [], x.clone()
+    ours_fn(eps, x.clone(), callback=lambda i, t, xi: ours.append(xi.clone()))
+    for t in sch.timesteps:
+        xr = sch.step(eps(xr, t), t, xr, **step_kw).prev_sample
+        ref.append(xr.clone())
+    assert len(ours) == len(ref) == len(sch.timesteps)
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max().item() < 1e-4
+    return ours
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_ddim_matches_diffusers_every_step(eta):
     """Same UNet, latents, contexts: our DDIM trajectory equals DDIMScheduler configured as CompVis."""
     from diffusers import DDIMScheduler
-    unet = tiny_diffusers_unet()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
-    eps = _eps_fn(unet, ctx, uctx, 7.5)
-
-    ours = []
-    sample.ddim_sample(eps, x.clone(), steps=10, eta=eta, generators=[torch.Generator().manual_seed(5)],
-                       callback=lambda i, t, xi: ours.append(xi.clone()))
-
+    eps, x = _guided_start(1, 7.5)
     sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     sch.set_timesteps(10)
     assert sch.timesteps.tolist() == sample.timestep_grid(10)[::-1]
-    gen, ref, xr = torch.Generator().manual_seed(5), [], x.clone()
-    for t in sch.timesteps:
-        xr = sch.step(eps(xr, t), t, xr, eta=eta, generator=gen).prev_sample
-        ref.append(xr.clone())
-    assert len(ours) == len(ref) == 10
-    for a, b in zip(ours, ref):
-        assert (a - b).abs().max().item() < 1e-4
+    ours = lambda e, x, callback: sample.ddim_sample(e, x, steps=10, eta=eta, callback=callback,
+                                                     generators=[torch.Generator().manual_seed(5)])
+    _same_trajectory(ours, sch, eps, x, eta=eta, generator=torch.Generator().manual_seed(5))
 
 
 def test_ddpm_matches_diffusers_every_step():
     from diffusers import DDPMScheduler
-    unet = tiny_diffusers_unet()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
-    eps = _eps_fn(unet, ctx, uctx, 3.0)
-
-    ours = []
-    sample.ddpm_sample(eps, x.clone(), steps=20, generators=[torch.Generator().manual_seed(9)],
-                       callback=lambda i, t, xi: ours.append(xi.clone()))
+    eps, x = _guided_start(2, 3.0)
     sch = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                         steps_offset=1, timestep_spacing="leading", variance_type="fixed_small")
     sch.set_timesteps(20)
     assert sch.timesteps.tolist() == sample.timestep_grid(20)[::-1]
-    gen, ref, xr = torch.Generator().manual_seed(9), [], x.clone()
-    for t in sch.timesteps:
-        xr = sch.step(eps(xr, t), t, xr, generator=gen).prev_sample
-        ref.append(xr.clone())
-    assert len(ours) == len(ref) == 20
-    for a, b in zip(ours, ref):
-        assert (a - b).abs().max().item() < 1e-4
+    ours = lambda e, x, callback: sample.ddpm_sample(e, x, steps=20, callback=callback,
+                                                     generators=[torch.Generator().manual_seed(9)])
+    _same_trajectory(ours, sch, eps, x, generator=torch.Generator().manual_seed(9))
 
 
 @pytest.mark.parametrize("steps", [4, 20])
@@ -114,26 +111,14 @@ def test_dpmpp_2m_matches_diffusers_every_step(steps):
     """DPM-Solver++(2M) on the CompVis grid equals DPMSolverMultistepScheduler (data prediction,
     second order, last step to sigma = 0), step by step."""
     from diffusers import DPMSolverMultistepScheduler
-    unet = tiny_diffusers_unet()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx, uctx = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
-    eps = _eps_fn(unet, ctx, uctx, 3.0)
-
-    ours = []
-    sample.dpmpp_2m_sample(eps, x.clone(), steps=steps, callback=lambda i, t, xi: ours.append(xi.clone()))
+    eps, x = _guided_start(3, 3.0)
     sch = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                       steps_offset=1, timestep_spacing="leading", algorithm_type="dpmsolver++",
                                       solver_order=2, final_sigmas_type="zero")
     sch.set_timesteps(timesteps=sample.timestep_grid(steps)[::-1])  # its own "leading" grid differs by a step
     assert sch.timesteps.tolist() == sample.timestep_grid(steps)[::-1]
-    ref, xr = [], x.clone()
-    for t in sch.timesteps:
-        xr = sch.step(eps(xr, t), t, xr).prev_sample
-        ref.append(xr.clone())
-    assert len(ours) == len(ref) == steps
-    for a, b in zip(ours, ref):
-        assert (a - b).abs().max().item() < 1e-4
+    ours = _same_trajectory(lambda e, x, callback: sample.dpmpp_2m_sample(e, x, steps=steps, callback=callback),
+                            sch, eps, x)
     # and it is not DDIM: after the first (first-order, DDIM-equal) step the two part
     ddim = []
     sample.ddim_sample(eps, x.clone(), steps=steps, callback=lambda i, t, xi: ddim.append(xi.clone()))

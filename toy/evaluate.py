@@ -4,7 +4,7 @@
     python -m toy.evaluate --combinations                                  # the base model's quality
 
 The images. For every style, n prompts "a {colour} {shape} in the style of {style}"; for every
-forgotten shape or colour, n prompts naming it ("a {colour} {shape}"); and 4n plain prompts
+forgotten shape or colour, n prompts naming it ("a {colour} {shape}"); and n plain prompts
 "a {colour} {shape}" (more if needed). The other slots cycle through the concepts NOT forgotten,
 and each image's seed comes from its prompt, so an image is the same in every evaluation that contains it. Every
 image is scored on all three heads (style, shape, colour), and counts for each concept its prompt
@@ -45,7 +45,7 @@ import sample
 from toy import classifier, world
 
 EVAL_SAMPLER, EVAL_STEPS = "ddim", 8  # validated against DDIM 20 steps: toy.evaluate --compare-samplers (README)
-PLAIN_PER_N = 4   # plain prompts per n: they keep >= n images per shape and colour while styles are forgotten
+PLAIN_PER_N = 1   # plain prompts per n: they keep >= n images per shape and colour while styles are forgotten
 HEAD = {"style": "style", "object": "shape", "colour": "colour"}
 
 
