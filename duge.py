@@ -21,11 +21,14 @@ forgotten so far is replayed in L_U, so an earlier concept cannot come back (res
 new one is removed, and the memory grows with every kind of concept hit.
 
 phi_0 differs from theta only in the trainable tensors, so it is never a second UNet: we keep a
-copy of those tensors and run the same module with them swapped in (torch.func.functional_call).
-Peak memory stays near one UNet, where ESD's code holds two (Concept Ablation's code runs its
-anchor target through the same UNet under no_grad: its target is the model being trained, not a
-fixed original).
+copy of those tensors and run the same module with them swapped in (torch.func.functional_call);
+peak memory stays near one UNet, where ESD's code holds two.
 
+Two recipes: "ours" (the default), the reconstruction above, and "paper", the most specific
+description of the paper found (a review's paraphrase; README "The paper's DUGE and ours"): L_U
+on the attention MAPS of the target prompt against the UNCONDITIONAL prompt's under phi_n (the
+model the step starts from), L_pr on a memory bank of images of other concepts, R_pr a pull of the
+parameters towards phi_n, no replay. Each departure is a DugeConfig field of its own (RECIPES).
 No file I/O and no CLI here: train.py turns the recipe into prompts and images, and saves.
 """
 import math
@@ -70,6 +73,13 @@ class DugeConfig:
     uce_lambda: float = 0.1   # UCE's pull towards the unedited weights
     uce_preserve: float = 1.0  # UCE's weight of the preserved concepts
     gp: bool = False          # CUIG's gradient projection: updates orthogonal to the retained concepts
+    # the recipe, one field per departure from the paper's description (first choice: ours; second: the paper's)
+    recipe: str = "ours"
+    reference: str = "phi0"   # the frozen model of L_U and R_pr: phi_0 the original | phi_n, the step's start
+    target: str = "anchor"    # L_U's target context: the anchor prompt | uncond, the empty prompt
+    attention: str = "outputs"  # L_U compares attn2 outputs (+ eps) | maps, softmax(q k^T / sqrt(d))
+    prior: str = "related"    # L_pr's images: the related concepts' and the anchor's | memory, the memory bank's
+    regulariser: str = "distil"  # R_pr: distil to the reference on the memory | l2, parameters to the reference
 
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
@@ -79,10 +89,17 @@ class DugeConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.autocast not in ("", "bf16", "fp16"):
-            raise ValueError(f"autocast {self.autocast!r}: choose bf16 or fp16")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(map(repr, allowed))}")
+
+
+CHOICES = {"method": METHODS, "autocast": ("", "bf16", "fp16"), "trainable": ("kv", "attn2"),
+           "recipe": ("ours", "paper"), "reference": ("phi0", "phin"), "target": ("anchor", "uncond"),
+           "attention": ("outputs", "maps"), "prior": ("related", "memory"), "regulariser": ("distil", "l2")}
+# The fields each recipe sets (train.py applies them before the user's own flags)
+RECIPES = {"ours": {}, "paper": dict(reference="phin", target="uncond", attention="maps", prior="memory",
+                                     regulariser="l2", replay=False)}
 
 
 # SD: a 512 px request trains on 3 x 8 images; in micro-batches of 2 with checkpointing its peak is
@@ -149,31 +166,36 @@ class Original:
         """Temporarily put phi_0's tensors into the UNet, e.g. to sample from the original model."""
         named = dict(self.unet.named_parameters())
         saved = {k: named[k].detach().clone() for k in self.tensors}
-        with torch.no_grad():
-            for k, v in self.tensors.items():
-                named[k].copy_(v)
+        put = torch.no_grad()(lambda tensors: [named[k].copy_(v) for k, v in tensors.items()])
+        put(self.tensors)
         try:
             yield self.unet
         finally:
-            with torch.no_grad():
-                for k, v in saved.items():
-                    named[k].copy_(v)
+            put(saved)
 
 
 class AttentionRecorder:
-    """A^l of every attn2 layer during one forward: the input of attn2.to_out, (B, N, C), taken by
-    a forward pre-hook (hooks fire under functional_call too). A layer the forward never reached
-    (an interrupted call) stays None; leaving the block never raises."""
+    """What every attn2 layer computed during one forward, taken by forward pre-hooks (they fire
+    under functional_call too): A^l, the input of attn2.to_out (B, N, C), or with what="maps" the
+    attention maps (B, H, N, T). A layer the forward never reached stays None; leaving the block
+    never raises."""
 
-    def __init__(self, unet):
-        self.projections = [m.to_out for _, m in unet.cross_attentions()]
+    def __init__(self, unet, what="outputs"):
+        layers = [m for _, m in unet.cross_attentions()]
+        self.hooked = layers if what == "maps" else [m.to_out for m in layers]
+        self.read = self.maps if what == "maps" else (lambda m, args: args[0])
+
+    @staticmethod
+    def maps(module, args):  # saved plainly, not by an activation checkpoint, whose recomputation has no hook
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return module.attention_maps(*args)
 
     def __enter__(self):
-        self.outputs = [None] * len(self.projections)
+        self.outputs = [None] * len(self.hooked)
 
         def hook(i):
-            return lambda module, args: self.outputs.__setitem__(i, args[0])
-        self.handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(self.projections)]
+            return lambda module, args: self.outputs.__setitem__(i, self.read(module, args))
+        self.handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(self.hooked)]
         return self
 
     def __exit__(self, *exc):
@@ -196,8 +218,12 @@ def cross_attention_loss(attn_theta, attn_phi0, eps_theta, eps_phi0):
     is made to attend, and to denoise, exactly as the anchor prompt does under the original
     model. The second term (as in Concept Ablation, Kumari et al. 2023) ties the final output too.
     """
-    attn = torch.stack([F.mse_loss(a, b) for a, b in zip(attn_theta, attn_phi0)]).mean()
-    return attn + F.mse_loss(eps_theta, eps_phi0)
+    return layer_mean_mse(attn_theta, attn_phi0) + F.mse_loss(eps_theta, eps_phi0)
+
+
+def layer_mean_mse(xs, ys):
+    """The mean over layers of each layer's mean squared difference."""
+    return torch.stack([F.mse_loss(x, y) for x, y in zip(xs, ys)]).mean()
 
 
 def prior_preservation_loss(eps_theta, noise):
@@ -227,6 +253,23 @@ def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=
     return loss
 
 
+# The paper's terms as the review describes them (recipe "paper"); L_pr keeps its form above.
+
+def attention_map_loss(maps_theta, maps_phin):
+    """"L_U = (1/M) sum_i (A_i^theta - A_i^{phi_n})^2", A the cross-attention maps: "the
+    context-conditioned attention maps for the target concept" against "unconditional attention
+    maps". Our choices where it is silent: the maps of every head, pixel and token of the M attn2
+    layers, each layer's mean squared difference, averaged over layers; x_0 the anchor images."""
+    return layer_mean_mse(maps_theta, maps_phin)
+
+
+def parameter_loss(trained, reference):
+    """R_pr "controls model parameters": || theta - theta_{phi_n} ||^2, here the MEAN square over
+    the trained tensors' entries (our choice, so lambda_reg = 1 weighs it like the other terms)."""
+    diffs = torch.cat([(p - reference[n]).flatten() for n, p in trained.items()])
+    return (diffs ** 2).mean()
+
+
 def with_noise(batch, generator):
     """The step's draws, for the whole batch before any micro-batching: eps_* and t_* of each group
     present (a: anchor, r: related, m: memory), drawn in that order."""
@@ -238,32 +281,33 @@ def with_noise(batch, generator):
     return {**batch, **{f"eps_{g}": e for g, e in zip(groups, noise)}, **{f"t_{g}": s for g, s in zip(groups, t)}}
 
 
-def losses(unet, phi0, params, batch, cfg):
-    """All three losses from two UNet calls: one of theta on every group (with attn2 recorded),
-    one of phi_0 on the groups it supervises (anchor and memory).
+def losses(unet, ref, params, batch, cfg):
+    """All three losses from two UNet calls: theta on every group (attn2 recorded), the frozen
+    reference (phi_0 or phi_n) on those it supervises (anchor; memory, when R_pr distils).
+    batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r (L_pr's
+    images), x_m, c_m (the memory; absent when R_pr is the parameter pull), and each group's noise
+    eps_* and timesteps t_* (with_noise)."""
+    groups = [g for g in "arm" if f"x_{g}" in batch]
+    sizes = [len(batch[f"x_{g}"]) for g in groups]
+    noise, t = (torch.cat([batch[f"{k}_{g}"] for g in groups]) for k in ("eps", "t"))
+    xt = add_noise(torch.cat([batch[f"x_{g}"] for g in groups]), noise, t)     # (Na+Nr[+Nm], 4, h, w)
+    split = lambda v, gs: dict(zip(gs, v.split([sizes[groups.index(g)] for g in gs])))
+    xt_, t_, noise_ = split(xt, groups), split(t, groups), split(noise, groups)
+    sup = [g for g in "am" if g in groups]                                      # what the reference supervises
+    c_sup = {"a": batch["c_anchor"], "m": batch.get("c_m")}
 
-    batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r
-    (related images, anchor images included, with their prompts), x_m, c_m (memory), and the
-    noise eps_* and timesteps t_* of each group (with_noise)."""
-    sizes = [len(batch["x_a"]), len(batch["x_r"]), len(batch["x_m"])]
-    x0 = torch.cat([batch["x_a"], batch["x_r"], batch["x_m"]])
-    noise = torch.cat([batch["eps_a"], batch["eps_r"], batch["eps_m"]])
-    t = torch.cat([batch["t_a"], batch["t_r"], batch["t_m"]])
-    xt = add_noise(x0, noise, t)                                                  # (Na+Nr+Nm, 4, h, w)
-    (xt_a, _, xt_m), (t_a, _, t_m) = xt.split(sizes), t.split(sizes)
-
-    with AttentionRecorder(unet) as rec_theta:
-        eps_theta = unet(xt, t, torch.cat([batch["c_target"], batch["c_r"], batch["c_m"]]))
-    with AttentionRecorder(unet) as rec_phi0:
-        eps_phi0 = phi0(torch.cat([xt_a, xt_m]), torch.cat([t_a, t_m]), torch.cat([batch["c_anchor"], batch["c_m"]]))
-    e_a, e_r, e_m = eps_theta.split(sizes)
-    p_a, p_m = eps_phi0.split([sizes[0], sizes[2]])
+    with AttentionRecorder(unet, cfg.attention) as rec_theta:
+        e = split(unet(xt, t, torch.cat([batch["c_target"]] + [batch[f"c_{g}"] for g in groups[1:]])), groups)
+    with AttentionRecorder(unet, cfg.attention) as rec_ref:
+        p = split(ref(*(torch.cat([d[g] for g in sup]) for d in (xt_, t_, c_sup))), sup)
     attn_theta = [a[:sizes[0]] for a in rec_theta.outputs]                      # the anchor group's A^l
-    attn_phi0 = [a[:sizes[0]] for a in rec_phi0.outputs]
+    attn_ref = [a[:sizes[0]] for a in rec_ref.outputs]
 
-    l_u = cross_attention_loss(attn_theta, attn_phi0, e_a, p_a)
-    l_pr = prior_preservation_loss(e_r, noise.split(sizes)[1])
-    r_pr = regularization_loss(e_m, p_m, params, phi0.tensors, cfg.gamma)
+    l_u = (attention_map_loss(attn_theta, attn_ref) if cfg.attention == "maps" else
+           cross_attention_loss(attn_theta, attn_ref, e["a"], p["a"]))
+    l_pr = prior_preservation_loss(e["r"], noise_["r"])
+    r_pr = (parameter_loss(params, ref.tensors) if cfg.regulariser == "l2" else
+            regularization_loss(e["m"], p["m"], params, ref.tensors, cfg.gamma))
     total = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr
     return total, {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
 
@@ -291,17 +335,14 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())
     unet.requires_grad_(False)
-    params = {n: named[n] for n in names}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = {n: named[n].requires_grad_(True) for n in names}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
-    g = torch.Generator()
-    history = []
+    g, history = torch.Generator(), []
     unet.checkpointing = cfg.checkpointing
-    device = next(unet.parameters()).device
-    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast])
+    autocast = (torch.autocast(next(unet.parameters()).device.type,
+                               dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast])
                 if cfg.autocast else nullcontext())
     bar = tqdm(range(start_step, cfg.steps), desc="unlearning", disable=not progress,
                initial=start_step, total=cfg.steps)

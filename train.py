@@ -114,29 +114,38 @@ def load_phi0(model, ledger, args):
 # -----------------------------------------------------------------------------------------------
 # One request
 
-def prepare(model, phi0, world, plan, cfg, args, folder):
+def prepare(model, ref, world, plan, cfg, args, folder):
     """The recipe's concepts -> prompts -> phi_0's images -> the `data` dict duge.unlearn trains on.
-    For a baseline, phi0 is its reference (the model at the start of the request) and the data one
-    group: the concept's own images for ESD, the anchor's for CA and finetune."""
+    ref: phi_0, or (a baseline, the paper's recipe) the model at the start of the request. A
+    baseline's data is one group: the concept's own images for ESD, the anchor's for CA and finetune."""
     prompts = lambda c, n: world.prompts(c, world.kind(c), n, exclude=plan.exclude)
     pairs = [(p, concepts.anchor_prompt(p, c, a)) for c, a in plan.unlearn for p in prompts(c, cfg.num_prompts)]
     targets, anchors = [p for p, _ in pairs], [a for _, a in pairs]
     related = [p for r in plan.related for p in prompts(r, cfg.num_prompts)]
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(cfg.memory, exclude=plan.exclude)
-    todo = ([(targets if cfg.method == "esd" else anchors, "concept" if cfg.method == "esd" else "anchor")] +
-            [(related, "related"), (memory, "memory")] * (cfg.method == "duge"))
+    duge_ = cfg.method == "duge"
+    todo = {"anchor": targets if cfg.method == "esd" else anchors,
+            "related": related if duge_ and cfg.prior == "related" else [], "memory": memory if duge_ else []}
     k = cfg.images_per_prompt
-    who = "phi_0" if cfg.method == "duge" else "reference"
-    with phi0.applied():  # x_0 drawn by the original model (a baseline: its reference), cached per prompt
-        xs = [sample.generate_cached(model, ps, k, folder, desc=f"{who} images: {what}", **images(args))
-              for ps, what in todo]
+    who = "phi_0" if ref_is_phi0(cfg) else "reference"
+    with ref.applied():  # x_0 drawn by the frozen reference (phi_0; phi_n for a baseline), cached per prompt
+        xs = {g: sample.generate_cached(model, ps, k, folder, desc=f"{who} images: {g}", **images(args))
+              for g, ps in todo.items() if ps}
     enc = lambda ps: sample.encode_prompts(model, [p for p in ps for _ in range(k)])
-    c_a = enc([""] * len(anchors) if cfg.method == "esd" else anchors)   # ESD: the unconditional prompt
-    data = {"anchor": {"x": xs[0], "c_target": enc(targets), "c_anchor": c_a}}
-    if cfg.method == "duge":
-        data |= {"related": {"x": torch.cat([xs[1], xs[0]]), "c": torch.cat([enc(related), c_a])},  # L_pr: +anchors
-                 "memory": {"x": xs[2], "c": enc(memory)}}
+    uncond = cfg.method == "esd" or (duge_ and cfg.target == "uncond")
+    c_a = enc([""] * len(anchors) if uncond else anchors)   # ESD, and the paper's L_U: the unconditional prompt
+    data = {"anchor": {"x": xs["anchor"], "c_target": enc(targets), "c_anchor": c_a}}
+    if duge_ and cfg.prior == "related":   # ours: L_pr on the related concepts' and the anchor's images
+        data["related"] = {"x": torch.cat([xs["related"], xs["anchor"]]), "c": torch.cat([enc(related), c_a])}
+    elif duge_:                            # the paper's: L_pr on the memory bank
+        data["related"] = {"x": xs["memory"], "c": enc(memory)}
+    if duge_ and cfg.regulariser == "distil":
+        data["memory"] = {"x": xs["memory"], "c": enc(memory)}
     return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
+
+
+def ref_is_phi0(cfg):
+    return cfg.method == "duge" and cfg.reference == "phi0"
 
 
 def uce(model, world, plan, concept, anchor, cfg):
@@ -199,7 +208,7 @@ def run_request(model, world, concept, cfg, args, out):
     phi0 = load_phi0(model, ledger, args)
     names = duge.trainable_names(model.unet, cfg.trainable)
     phi_prev = duge.Original(model.unet, {n: p for n, p in model.unet.named_parameters() if n in names})  # as it came
-    ref = phi0 if cfg.method == "duge" else phi_prev  # a baseline's reference: the model at the request's start
+    ref = phi0 if ref_is_phi0(cfg) else phi_prev  # a baseline's (or the paper's) reference: the request's start
     folder = Path(args.cache) / fingerprint(model, ref)
     print(f"request {len(ledger['steps']) + 1}: forget '{concept}' with {cfg.method} (kind {kind}, anchor "
           f"'{anchor}')", file=sys.stderr)
@@ -211,7 +220,7 @@ def run_request(model, world, concept, cfg, args, out):
         with phase("UCE edit"):
             uce(model, world, plan, concept, anchor, cfg)
     else:
-        with phase(f"{'phi_0' if cfg.method == 'duge' else 'reference'} images"):
+        with phase(f"{'phi_0' if ref_is_phi0(cfg) else 'reference'} images"):
             data = prepare(model, ref, world, plan, cfg, args, folder)
         print(f"  related concepts kept: {', '.join(plan.related) or '-'}; "
               + ", ".join(f"{len(d['x'])} {g}" for g, d in data.items()) + " images", file=sys.stderr)
@@ -309,7 +318,12 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": 
                "UNet activations in backward", "autocast": "forward in this dtype ('': none)",
                "method": "duge, or a baseline to compare with (baselines.py)", "esd_eta": "ESD's negative guidance",
                "uce_lambda": "UCE's pull to the unedited weights", "uce_preserve": "UCE's weight of kept concepts",
-               "gp": "CUIG's gradient projection (any trained method)"}
+               "gp": "CUIG's gradient projection (any trained method)",
+               "recipe": "DUGE as reconstructed here (ours) or as the paper is described (paper): sets the five below and --no-replay",
+               "reference": "frozen model of L_U and R_pr: phi0 (original) or phin (the request's start)",
+               "target": "L_U's target: the anchor prompt or uncond (empty)", "attention": "L_U on attn2 outputs or maps",
+               "prior": "L_pr's images: related (+anchor) or memory", "regulariser": "R_pr: distil (memory) or l2 "
+               "(parameters)"}
 
 
 def parse_args(argv=None):
@@ -325,11 +339,10 @@ def parse_args(argv=None):
     ap.add_argument("--retain", default=None, help="comma-separated related concepts to protect "
                                                    "(None: the nearest by text embedding)")
 
-    choices = {"trainable": ["kv", "attn2"], "autocast": ["", "bf16", "fp16"], "method": list(duge.METHODS)}
     for name, help in CONFIG_HELP.items():  # duge.DugeConfig fields: the default comes from the preset
         toy, sd = (getattr(duge.PRESETS[p], name) for p in ("toy", "sd"))
         kw = ({"action": argparse.BooleanOptionalAction} if isinstance(toy, bool) else
-              {"type": type(toy), "choices": choices.get(name)})
+              {"type": type(toy), "choices": duge.CHOICES.get(name)})
         ap.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
                         help=f"{help} (default: {toy if toy == sd else f'{toy} on the toy model, {sd} on SD'})")
     ap.add_argument("--gen-sampler", default=None, choices=sorted(sample.SAMPLERS),
@@ -358,7 +371,8 @@ def config(args, toy):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(duge.DugeConfig) if hasattr(args, f.name)}
     if given.get("method") == "esd" and "trainable" not in given:
         given["trainable"] = "attn2"  # ESD-x: every cross-attention tensor, as its code trains
-    cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **given)
+    recipe = duge.RECIPES.get(given.get("recipe", "ours"), {})   # the recipe's fields, then the user's flags
+    cfg = dataclasses.replace(duge.PRESETS["toy" if toy else "sd"], **{**recipe, **given})
     from toy.evaluate import EVAL_SAMPLER, EVAL_STEPS  # the toy evaluation's fast sampler, validated there
     fast = toy and args.gen_sampler in (None, EVAL_SAMPLER)
     args.gen_sampler = args.gen_sampler or (EVAL_SAMPLER if toy else "ddim")

@@ -79,8 +79,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention. attn1: self-attention over pixels (context None).
     attn2: queries from the pixels, keys and values from the text, so each pixel reads the prompt.
 
-    duge.py reads A^l, the attention output before to_out, with a forward pre-hook on `to_out`.
-    `fused = False` runs the spelled-out softmax(q k^T / sqrt(D)) v instead of the fused kernel."""
+    duge.py reads A^l, the attention output before to_out, with a forward pre-hook on `to_out`, or
+    the maps (`attention_maps`). `fused = False` runs the spelled-out softmax(q k^T / sqrt(D)) v."""
 
     def __init__(self, dim, context_dim=None, heads=8):
         super().__init__()
@@ -100,10 +100,19 @@ class CrossAttention(nn.Module):
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(q k^T / sqrt(D)) v, one kernel
         else:
-            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, T), rows sum to 1
-            out = probs @ v                                                      # (B, H, N, D)
+            out = self.probabilities(q, k) @ v                                   # (B, H, N, D)
         out = rearrange(out, "b h n d -> b n (h d)")        # (B, N, C): A^l
         return self.to_out(out)
+
+    @staticmethod
+    def probabilities(q, k):
+        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, T), rows sum to 1
+
+    def attention_maps(self, x, context=None):
+        """softmax(q k^T / sqrt(D)) of this call, (B, H, N, T): how much each pixel reads each token."""
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        return self.probabilities(q, rearrange(self.to_k(context), "b t (h d) -> b h t d", h=self.heads))
 
 
 class GEGLU(nn.Module):

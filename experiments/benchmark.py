@@ -3,6 +3,7 @@ ablations and the baselines, and what each model still knows after every step.
 
     python -m experiments.benchmark                                     # 12 styles; DUGE and the baselines
     python -m experiments.benchmark --methods duge,duge-no-reg,duge-no-pr,duge-no-replay,duge+gp
+    python -m experiments.benchmark --methods duge,duge-paper,duge+phin,duge+uncond,duge+maps,duge+memory-prior,duge+l2
     python -m experiments.benchmark --sequence mixed --out out/bench-mixed --docs out/bench-mixed
 
 CUIG's protocol (Lee et al., ICLR 2026): 12 requests of one kind (12 of the 20 styles; in-domain =
@@ -34,6 +35,12 @@ VARIANTS = {
     "duge-no-pr": ["--lambda-pr", "0"],            # L_pr off: no plain diffusion loss on related concepts
     "duge-no-replay": ["--no-replay"],             # earlier concepts not replayed in L_U
     "duge+gp": ["--gp"],                           # CUIG's gradient projection on top
+    "duge-paper": ["--recipe", "paper"],           # DUGE as the paper is described (duge.RECIPES)
+    "duge+phin": ["--reference", "phin"],          # each of the paper's departures alone, on ours
+    "duge+uncond": ["--target", "uncond"],
+    "duge+maps": ["--attention", "maps"],
+    "duge+memory-prior": ["--prior", "memory"],
+    "duge+l2": ["--regulariser", "l2"],
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],
@@ -51,10 +58,10 @@ SEQUENCES = {
 
 # Strengths tried by --calibrate, mildest first: training steps at the shared lr (1e-3) for the trained
 # baselines; for UCE, the weight of the preserved concepts (more weight: a milder edit).
-STRENGTHS = {"esd": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
-             "ca": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
-             "finetune": [["--steps", s] for s in ("25", "50", "100", "200", "400")],
-             "uce": [["--uce-preserve", w] for w in ("10", "3", "1", "0.3", "0.1")]}
+STEPS = ("5", "10", "25", "50", "100", "200", "400")
+STRENGTHS = {"esd": [["--steps", s] for s in STEPS], "ca": [["--steps", s] for s in STEPS],
+             "finetune": [["--steps", s] for s in STEPS],
+             "uce": [["--uce-preserve", w] for w in ("100", "30", "10", "3", "1", "0.3", "0.1")]}
 
 
 def forget_accuracy(weights, concept, n):

@@ -202,7 +202,8 @@ def test_recipe_replays_the_ledger_and_grows_the_memory():
 
 
 def test_presets():
-    assert duge.PRESETS["toy"] == duge.DugeConfig()
+    assert duge.PRESETS["toy"] == duge.DugeConfig(steps=100)   # 100 steps measured better than 200 (README)
+    assert duge.PRESETS["sd"].steps == 200
     assert duge.PRESETS["sd"].lr == 1e-5 and duge.PRESETS["toy"].lr == 1e-3
     assert duge.PRESETS["sd"].batch == duge.PRESETS["toy"].batch == 8
     assert duge.PRESETS["sd"].micro_batch == 2 and duge.PRESETS["sd"].checkpointing  # fits a 24 GB card (README)
@@ -228,11 +229,13 @@ def trained_after(unet, cfg, steps=3):
     return out, hist
 
 
-def test_checkpointing_and_micro_batches_train_the_same_tensors():
+@pytest.mark.parametrize("recipe", ["ours", "paper"])
+def test_checkpointing_and_micro_batches_train_the_same_tensors(recipe):
     u = tiny_unet()
-    ref, ref_hist = trained_after(u, {})
+    fields = {"recipe": recipe, **duge.RECIPES[recipe]}
+    ref, ref_hist = trained_after(u, fields)
     for cfg in ({"checkpointing": True}, {"micro_batch": 1}, {"micro_batch": 3}, {"micro_batch": 2, "checkpointing": True}):
-        got, hist = trained_after(u, cfg)
+        got, hist = trained_after(u, fields | cfg)
         assert max((got[n] - ref[n]).abs().max().item() for n in ref) < 1e-5, cfg   # float rounding only
         assert all(h["L_U"] == pytest.approx(r["L_U"], rel=1e-4) for h, r in zip(hist, ref_hist)), cfg
         assert not u.checkpointing
@@ -268,3 +271,83 @@ def test_bf16_autocast_loss_close_to_fp32():
         for k in ("L_U", "L_pr", "R_pr"):
             assert b[k] == pytest.approx(r[k], rel=0.1, abs=1e-4), (k, b[k], r[k])  # bf16 keeps 8 bits of mantissa
     assert bf16[0]["L_U"] != ref[0]["L_U"]  # it did run in bf16
+
+
+# -----------------------------------------------------------------------------------------------
+# The paper's recipe (duge.RECIPES["paper"])
+
+def test_recorded_maps_are_the_softmax_probabilities():
+    """AttentionRecorder(what="maps"): per attn2 layer (B, H, N, T), rows sum to 1, equal to
+    softmax(q k^T / sqrt(d)) computed here from the layer's inputs and weights."""
+    u = tiny_unet()
+    layers = [m for _, m in u.cross_attentions()]
+    inputs = []
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.append(args)) for m in layers]
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    with torch.no_grad(), duge.AttentionRecorder(u, "maps") as rec:
+        u(x, 10, c)
+    for h in handles:
+        h.remove()
+    assert len(rec.outputs) == len(layers) == len(inputs) > 0
+    for m, maps, (xi, ci) in zip(layers, rec.outputs, inputs):
+        B, N, C = xi.shape
+        H, d = m.heads, C // m.heads
+        q = (xi @ m.to_q.weight.T).view(B, N, H, d).permute(0, 2, 1, 3)
+        k = (ci @ m.to_k.weight.T).view(B, ci.shape[1], H, d).permute(0, 2, 1, 3)
+        logits = torch.einsum("bhnd,bhtd->bhnt", q, k) / d ** 0.5
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+        assert maps.shape == (B, H, N, 5)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(B, H, N), atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps, e / e.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_paper_terms_at_and_off_the_start():
+    """The paper's recipe: L_U compares theta's maps for the target with phi_n's for the
+    unconditional context; L_pr is the diffusion loss; R_pr the mean square parameter pull, 0 at
+    theta = phi_n; no memory group is needed. Off the start every term equals its formula."""
+    import torch.nn.functional as F
+
+    import sample
+    u = tiny_unet().requires_grad_(False)
+    named = dict(u.named_parameters())
+    names = duge.trainable_names(u, "kv")
+    phin = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
+    params = {n: named[n].requires_grad_(True) for n in names}
+    cfg = duge.DugeConfig(recipe="paper", **duge.RECIPES["paper"], lambda_pr=2.0, lambda_reg=3.0)
+    assert (cfg.reference, cfg.target, cfg.attention, cfg.prior, cfg.regulariser, cfg.replay) == \
+        ("phin", "uncond", "maps", "memory", "l2", False)
+    batch = {k: v for k, v in make_batch(n=3).items() if not k.endswith("_m")}
+    same = duge.with_noise(batch | {"c_anchor": batch["c_target"]}, torch.Generator().manual_seed(1))
+    _, logs = duge.losses(u, phin, params, same, cfg)
+    assert logs["R_pr"] == 0.0 and logs["L_U"] == pytest.approx(0.0, abs=1e-10) and logs["L_pr"] > 0
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n in names:
+            named[n].add_(0.05 * torch.randn(named[n].shape, generator=g))
+    drawn = duge.with_noise(batch, torch.Generator().manual_seed(1))
+    loss, logs = duge.losses(u, phin, params, drawn, cfg)
+    assert loss.item() == pytest.approx(logs["L_U"] + 2.0 * logs["L_pr"] + 3.0 * logs["R_pr"], rel=1e-5)
+    x0 = torch.cat([batch["x_a"], batch["x_r"]])
+    noise, t = torch.cat([drawn["eps_a"], drawn["eps_r"]]), torch.cat([drawn["t_a"], drawn["t_r"]])
+    xt = sample.add_noise(x0, noise, t)
+    a, r = slice(0, 3), slice(3, 6)
+    with torch.no_grad():
+        with duge.AttentionRecorder(u, "maps") as rt:
+            u(xt[a], t[a], batch["c_target"])
+        with duge.AttentionRecorder(u, "maps") as rn:
+            phin(xt[a], t[a], batch["c_anchor"])
+        l_u = sum(F.mse_loss(p, q).item() for p, q in zip(rt.outputs, rn.outputs)) / len(rt.outputs)
+        l_pr = F.mse_loss(u(xt[r], t[r], batch["c_r"]), noise[r]).item()
+    diffs = torch.cat([(named[n] - phin.tensors[n]).flatten() for n in names])
+    assert logs["L_U"] == pytest.approx(l_u, rel=1e-4) and l_u > 0
+    assert logs["L_pr"] == pytest.approx(l_pr, rel=1e-4)
+    assert logs["R_pr"] == pytest.approx((diffs ** 2).mean().item(), rel=1e-5) and logs["R_pr"] > 0
+    loss.backward()
+    assert all(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in names)
+
+
+def test_recipe_choices_are_checked():
+    for field, bad in (("recipe", "theirs"), ("reference", "phi1"), ("attention", "weights"), ("regulariser", "l1")):
+        with pytest.raises(ValueError, match=field):
+            duge.DugeConfig(**{field: bad})

@@ -314,3 +314,39 @@ def test_every_baseline_runs_two_requests_with_the_same_outputs_and_ledger(tmp_p
         if n.startswith("phi0."):
             assert torch.equal(v, base[n.removeprefix("phi0.")].to(v.dtype)), n
     assert not (tmp_path / "o.grid.png").exists()                            # --no-grid
+
+
+def test_paper_recipe_trains_against_the_requests_start_with_the_empty_prompt(tmp_path, monkeypatch):
+    """--recipe paper: L_U's target context is the empty prompt's, L_pr's images are the memory
+    bank's, there is no memory group, and the frozen reference of request 2 is request 1's output
+    (phi_n), while the delta file still carries the original."""
+    import duge
+    import sample
+    import train
+    from safetensors.torch import load_file
+    seen, real = [], duge.unlearn
+
+    def spy(unet, ref, data, cfg, **kw):
+        seen.append((dict(ref.tensors), data, cfg))
+        return real(unet, ref, data, cfg, **kw)
+    monkeypatch.setattr(duge, "unlearn", spy)
+    w = tiny_sd(tmp_path / "m.safetensors")
+    out = tmp_path / "o.safetensors"
+    assert train.main(["--forget", "van gogh", "--forget", "apple", "--weights", str(w), "--out", str(out),
+                       "--recipe", "paper", "--no-grid", *FAST]) == 0
+    first = dict(checkpoint.load(tmp_path / "forget-van-gogh.safetensors").unet.named_parameters())
+    base = dict(checkpoint.load(w).unet.named_parameters())
+    model = checkpoint.load(w)
+    empty = sample.encode_prompts(model, [""])
+    for k, (ref, data, cfg) in enumerate(seen):
+        assert (cfg.recipe, cfg.reference, cfg.target, cfg.replay) == ("paper", "phin", "uncond", False)
+        assert set(data) == {"anchor", "related"}                       # L_pr on the memory bank, R_pr on tensors
+        c = data["anchor"]["c_anchor"]
+        torch.testing.assert_close(c, empty.expand_as(c))
+        start = base if k == 0 else first
+        assert all(torch.equal(v, start[n]) for n, v in ref.items())   # phi_n: the request's own start
+    assert any(not torch.equal(first[n], base[n]) for n in seen[1][0])
+    delta = load_file(str(tmp_path / "o.delta.safetensors"))
+    assert all(torch.equal(v, base[n.removeprefix("phi0.")].to(v.dtype)) for n, v in delta.items() if n.startswith("phi0."))
+    steps = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"]
+    assert [s["hparams"]["recipe"] for s in steps] == ["paper", "paper"]
