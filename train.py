@@ -228,12 +228,18 @@ def run_request(model, world, concept, cfg, args, out):
             history, last = train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths)
     metrics = {"method": cfg.method, "seconds_train": round(time.time() - t0, 1),
                "final_losses": history[-1] if history else last}
+    gone, cache = forgotten(ledger) + [concept], Path(args.cache) / fingerprint(model, phi0)  # base: per image
     if is_toy(model) and not args.no_eval:
         from toy import evaluate
-        base_cache = Path(args.cache) / fingerprint(model, phi0) / "base_eval.json"  # per image, for every method
         with phase("evaluation"):
-            metrics.update(evaluate.report(model, phi0, forgotten(ledger) + [concept], args.eval_n, paths["md"],
-                                           paths["csv"], base_cache))
+            metrics.update(evaluate.report(model, phi0, gone, args.eval_n, paths["md"], paths["csv"],
+                                           cache / "base_eval.json"))
+    elif args.clip is not None and not args.no_eval:   # real SD, scored by CLIP (evaluate.py)
+        import evaluate
+        with phase("evaluation"):
+            metrics.update(evaluate.report(model, args.clip_model, phi0, gone, args.eval_n, paths["md"], paths["csv"],
+                                           cache / f"base_clip_{args.gen_steps}_{args.guidance}_{args.size}.json",
+                                           steps=args.gen_steps, guidance=args.guidance))
     metrics["seconds"] = {k: round(v, 1) for k, v in phases.items()}
     ledger["steps"].append({"concept": concept, "kind": kind, "anchor": anchor, "retain": list(plan.related),
                             "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
@@ -351,8 +357,10 @@ def parse_args(argv=None):
     ap.add_argument("--gen-steps", type=int, default=None, help="its steps (default: the toy evaluation's, 20 on SD)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (None: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image size (None: the model's)")
-    ap.add_argument("--eval-n", type=int, default=32, help="images per style (and at least per shape and "
-                                                           "colour) in the toy evaluation")
+    ap.add_argument("--eval-n", type=int, default=None, help="images per style (and at least per shape and "
+                    "colour) in the toy evaluation; per concept in the CLIP evaluation (None: 32 toy, 8 SD)")
+    ap.add_argument("--clip", default=None, help="real SD: score every request with this CLIP (the transformers "
+                                                 "folder of openai/clip-vit-large-patch14), as evaluate.py does")
     ap.add_argument("--no-eval", action="store_true", help="skip the toy evaluation")
     ap.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
     ap.add_argument("--out", default=None, help="output model (None: out/forget-<concepts>.safetensors)")
@@ -377,6 +385,9 @@ def config(args, toy):
     fast = toy and args.gen_sampler in (None, EVAL_SAMPLER)
     args.gen_sampler = args.gen_sampler or (EVAL_SAMPLER if toy else "ddim")
     args.gen_steps = args.gen_steps if args.gen_steps is not None else EVAL_STEPS if fast else 20
+    args.eval_n = args.eval_n if args.eval_n is not None else 32 if toy else 8
+    if args.clip is not None and toy:
+        raise UserError("--clip scores real SD; the toy model is scored by its own classifier (drop --clip)")
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be positive")
@@ -419,6 +430,9 @@ def main(argv=None):
         cfg = config(args, is_toy(model))
         world = concept_source(model, cfg.seed)
         args.guidance = args.guidance or model.guidance
+        if args.clip is not None:  # loaded before any work: a wrong folder fails here, in one line
+            from clip_vision import load_clip
+            args.clip_model = load_clip(args.clip, device=device)
         for concept, out in zip(args.forget, output_models(args, model, world)):
             run_request(model, world, concept, cfg, args, out)
     except (UserError, checkpoint.CheckpointError, ValueError) as e:

@@ -225,6 +225,8 @@ def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_pat
     (["--lambda-pr", "-1"], "lambda_pr -1.0: must be at least 0"),
     (["--guidance", "inf"], "--guidance inf: must be a finite number"),
     (["--forget", "banana"], "choose a style (van gogh, munch"),
+    (["--clip", "nowhere"], "no config.json here"),
+    (["--forget", "monet", "--clip", "nowhere"], "the toy model is scored by its own classifier"),
 ])
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flags, message):
     import train

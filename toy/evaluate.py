@@ -24,13 +24,10 @@ What is reported (as CUIG and the DUGE paper do, with the toy classifier in plac
 
 The sampler. The evaluation draws with DDIM in 8 steps instead of 20 (2.5x fewer UNet calls);
 `python -m toy.evaluate --compare-samplers ddim:20,ddim:8` measures the difference on the base
-model (README: each kind's mean within 1 point; one style, rembrandt, loses 19).
+model (README: each kind's mean within 1 point; a single concept by up to 2 of its 32 images).
 """
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import sys
 import zlib
@@ -41,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import evaluate as shared
 import sample
 from toy import classifier, world
 
@@ -185,97 +183,17 @@ def quality(its, results, forgotten):
 
 
 # ------------------------------------------------------------------------------------------
-# Summaries with intervals
+# Summaries with intervals: the library's (evaluate.py), with the toy world's kinds
 
-
-def wilson(p, n, z=1.96):
-    """95% Wilson score interval of a proportion p measured on n images."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def groups(names, forgotten):
-    kinds = {world.concept_kind(c) for c in forgotten}
-    return {"forgotten": [c for c in names if c in forgotten],
-            "retained_in_domain": [c for c in names if c not in forgotten and world.concept_kind(c) in kinds],
-            "retained_cross_domain": [c for c in names if c not in forgotten and world.concept_kind(c) not in kinds]}
+wilson, pct, summary_lines = shared.wilson, shared.pct, shared.summary_lines
 
 
 def summarise(acc, base, forgotten, n=None):
-    """Group accuracies: forgotten, retained in-domain, retained cross-domain (each a mean over concepts,
-    and its base); the worst retained concept of each retained group; erosion. With n (concept -> images),
-    also 95% intervals: Wilson intervals of the mean as a proportion of all the group's images."""
-    out = {}
-    mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
-    for g, cs in groups(list(acc), forgotten).items():
-        out[g], out[g + "_base"] = mean(acc, cs), mean(base, cs)
-        if n is not None:
-            out[g + "_ci"] = wilson(out[g], sum(n[c] for c in cs))
-        if g != "forgotten" and cs:
-            worst = min(cs, key=lambda c: (acc[c], c))
-            out[g + "_worst"] = worst
-            out[g + "_worst_acc"], out[g + "_worst_base"] = acc[worst], base[worst]
-            if n is not None:
-                out[g + "_worst_ci"] = wilson(acc[worst], n[worst])
-    retained = [c for c in acc if c not in forgotten]
-    out["retained"] = mean(acc, retained)
-    out["erosion"] = mean(base, retained) - mean(acc, retained)
-    return out
-
-
-def pct(v):
-    return "-" if v is None or v != v else f"{100 * v:.0f}%"
-
-
-def summary_lines(s):
-    """Markdown bullets of a summary: mean [interval] (base), worst concept, quality."""
-    lines = []
-    for g, label in (("forgotten", "forgotten"), ("retained_in_domain", "retained in-domain"),
-                     ("retained_cross_domain", "retained cross-domain")):
-        if s.get(g) != s.get(g):   # nan: the group is empty
-            continue
-        ci = s.get(g + "_ci")
-        line = f"- {label}: {100 * s[g]:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-        line += f" (base {100 * s[g + '_base']:.1f}%)"
-        if g + "_worst" in s:
-            wci = s.get(g + "_worst_ci")
-            line += (f"; worst {s[g + '_worst']} {pct(s[g + '_worst_acc'])}"
-                     + (f" [{pct(wci[0])}, {pct(wci[1])}]" if wci else "") + f" (base {pct(s[g + '_worst_base'])})")
-        lines.append(line)
-    if "quality_fd" in s:
-        lines.append(f"- quality (Frechet distance of classifier features to the generator's, lower is better): "
-                     f"{s['quality_fd']:.2f} (base {s['quality_fd_base']:.2f})")
-    return lines
+    return shared.summarise(acc, base, forgotten, world.concept_kind, n)
 
 
 def table(acc_by_model, forgotten=(), n=None):
-    """Markdown table: one row per concept, one column per model (with the last model's 95% interval)."""
-    cols = list(acc_by_model)
-    last = acc_by_model[cols[-1]]
-    head = "| concept | kind | " + " | ".join(cols) + (" | 95% interval | images |" if n else " |")
-    lines = [head, "|---|---|" + "---|" * (len(cols) + (2 if n else 0))]
-    for c in last:
-        mark = " (forgotten)" if c in forgotten else ""
-        row = f"| {c}{mark} | {world.concept_kind(c)} | " + " | ".join(pct(acc_by_model[m][c]) for m in cols)
-        if n:
-            lo, hi = wilson(last[c], n[c])
-            row += f" | {pct(lo)}-{pct(hi)} | {n[c]}"
-        lines.append(row + " |")
-    return "\n".join(lines)
-
-
-def write_csv(acc_by_model, path, n=None):
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    cols = list(acc_by_model)
-    w.writerow(["concept", "kind"] + cols + (["images"] if n else []))
-    for c in acc_by_model[cols[-1]]:
-        w.writerow([c, world.concept_kind(c)] + [f"{acc_by_model[m][c]:.4f}" for m in cols] + ([n[c]] if n else []))
-    with checkpoint.atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    return shared.table(acc_by_model, world.concept_kind, forgotten, n)
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,14 +229,7 @@ def report(model, phi0, gone, n, md_path, csv_path, base_cache):
     """After a request (train.py): the table of every concept under phi_0 and now, in markdown and CSV;
     prints the summary. -> {"eval", "summary"}"""
     r = evaluate(model, gone, n, phi0.applied, base_cache)
-    md = table({"base": r["base"], "after": r["eval"]}, forgotten=gone, n=r["images"])
-    md += "\n\n" + "\n".join(summary_lines(r["summary"]))
-    with checkpoint.atomic_path(md_path) as tmp:
-        tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
-    write_csv({"base": r["base"], "after": r["eval"]}, csv_path, n=r["images"])
-    for line in summary_lines(r["summary"]):
-        print("  " + line[2:], file=sys.stderr)
-    return {"eval": r["eval"], "summary": r["summary"]}
+    return shared.write_report(r, gone, world.concept_kind, md_path, csv_path)
 
 
 @torch.no_grad()
@@ -432,7 +343,7 @@ def main(argv=None):
     print(f"quality (Frechet distance to the generator's images, classifier features): "
           f"{quality(its, results, gone):.2f}")
     if args.csv:
-        write_csv({os.path.basename(args.weights): acc}, args.csv, n=n_by)
+        shared.write_csv({os.path.basename(args.weights): acc}, args.csv, world.concept_kind, n=n_by)
     return 0
 
 
