@@ -67,12 +67,15 @@ def per_image_noise(shape, generators, device, dtype):
 # Samplers. `eps_fn(x, t) -> eps` is the (guided) noise prediction; each sampler walks the grid
 # from t = 981 down to t = 1 (for 50 steps).
 
-def ddim_sample(eps_fn, x, steps=50, eta=0.0, generators=None, progress=False, callback=None):
+def ddim_sample(eps_fn, x, steps=50, eta=0.0, generators=None, progress=False, callback=None, start=None):
     """DDIM (Song et al. eq. 12). eta = 0 is deterministic; eta = 1 behaves like DDPM.
-    As in CompVis, the "previous" alpha of the final step is abar_0 = 0.99915, not 1."""
+    As in CompVis, the "previous" alpha of the final step is abar_0 = 0.99915, not 1.
+    start: a timestep of the grid where x already is (an image noised to it), instead of the top."""
     ts = timestep_grid(steps)
+    if start is not None and start not in ts:
+        raise ValueError(f"start {start} is not on the {steps}-step grid ({ts[0]}, {ts[1]}, ..., {ts[-1]})")
     ac = alphas_cumprod.double()
-    for i in tqdm(range(steps - 1, -1, -1), desc="ddim", disable=not progress):
+    for i in tqdm(range(steps - 1 if start is None else ts.index(start), -1, -1), desc="ddim", disable=not progress):
         t = ts[i]
         a, a_prev = ac[t], (ac[ts[i - 1]] if i > 0 else ac[0])
         eps = eps_fn(x, t)

@@ -1,0 +1,93 @@
+"""probe.py on a tiny SD-shaped model: each probe's mechanics (the toy-model validation, where every
+probe must bring the concept back in the base model, is in the README)."""
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import checkpoint
+import concepts
+import probe
+import sample
+from tests.test_train import tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return checkpoint.load(tiny_sd(tmp_path_factory.mktemp("probe") / "m.safetensors"))
+
+
+def test_placeholder_vectors_replace_only_the_placeholder(tiny):
+    prompts = ["a painting in the style of * *", "a * * river"]
+    star = tiny.text_encoder.text_model.embeddings.token_embedding.weight[tiny.tokenizer.encode("*")[0]]
+    with torch.no_grad():
+        same = probe.encode_with(tiny, prompts, star.repeat(2, 1))
+        torch.testing.assert_close(same, sample.encode_prompts(tiny, prompts), atol=1e-6, rtol=1e-5)
+        other = probe.encode_with(tiny, prompts, torch.randn(2, star.shape[0]))
+    tokens = tiny.tokenizer(prompts)
+    first = (tokens == tiny.tokenizer.encode("*")[0]).int().argmax(1)
+    for b in range(2):   # causal attention: positions before the first placeholder cannot change
+        assert torch.allclose(other[b, :first[b]], same[b, :first[b]], atol=1e-6)
+        assert not torch.allclose(other[b, first[b]:], same[b, first[b]:], atol=1e-4)
+
+
+def test_ddim_from_a_grid_timestep_is_the_tail_of_the_full_run():
+    eps_fn = lambda x, t: 0.1 * x + 0.001 * t
+    x = torch.randn(2, 4, 4, 4)
+    seen = []
+    sample.ddim_sample(eps_fn, x, steps=10, callback=lambda i, t, xi: seen.append((t, xi.clone())))
+    at = dict(seen)
+    tail = sample.ddim_sample(eps_fn, at[601], steps=10, start=501)   # x at 501 is the output of step t=601
+    torch.testing.assert_close(tail, seen[-1][1])
+    with pytest.raises(ValueError, match="not on the 10-step grid"):
+        sample.ddim_sample(eps_fn, x, steps=10, start=500)
+
+
+def test_learning_lowers_the_diffusion_loss_and_leaves_the_model_alone(tiny):
+    before = {n: p.detach().clone() for n, p in tiny.unet.named_parameters()}
+    x0 = torch.randn(4, 4, 2, 2)
+    ctx = sample.encode_prompts(tiny, [""]).detach().clone().requires_grad_(True)
+    loss = lambda s: probe.diffusion_loss(tiny, x0, lambda idx: ctx.expand(len(idx), -1, -1), s % 3, 4, 0)
+    with torch.no_grad():
+        start = sum(loss(s).item() for s in range(3))
+    for p in tiny.unet.parameters():
+        p.requires_grad_(False)
+    probe.learn([ctx], loss, 60, 5e-2, "test")
+    with torch.no_grad():
+        assert sum(loss(s).item() for s in range(3)) < 0.999 * start   # a random tiny UNet reads its context weakly
+    assert all(torch.equal(before[n], p) for n, p in tiny.unet.named_parameters())
+
+
+@pytest.mark.parametrize("name", probe.PROBES)
+def test_every_probe_draws_its_images_and_puts_the_model_back(tiny, name):
+    world = concepts.SDConcepts()
+    cfg = probe.ProbeConfig(n=3, inversion_steps=2, relearn_steps=2, batch=2, steps=2)
+    latents = sample.generate(tiny, world.prompts("van gogh", "style", 4), steps=2, guidance=7.5, decode=False)
+    before = {n: p.detach().clone() for n, p in tiny.unet.named_parameters()}
+    images, prompts = probe.probe_images(name, tiny, world, "van gogh", latents, cfg)
+    assert images.shape == (3, 3, tiny.image_size, tiny.image_size) and 0 <= images.min() <= images.max() <= 1
+    assert len(prompts) == 3
+    if name == "paraphrase":
+        assert not set(prompts) & set(world.prompts("van gogh", "style", 8)) and any("vangogh" in p for p in prompts)
+    if name.startswith("inversion"):
+        assert all(p.count(probe.PLACEHOLDER) == int(name[-1]) and "van gogh" not in p for p in prompts)
+    if name.startswith("complete"):
+        assert all("van gogh" not in p for p in prompts)
+    assert all(torch.equal(before[n], p) for n, p in tiny.unet.named_parameters())
+
+
+def test_run_scores_the_model_and_the_base(tiny):
+    world = concepts.SDConcepts()
+    cfg = probe.ProbeConfig(n=2, inversion_steps=1, relearn_steps=1, batch=2, steps=2)
+    state = {"base": False}
+
+    @contextmanager
+    def base():
+        state["base"] = True
+        yield
+        state["base"] = False
+    # a stand-in scorer: the base model "shows" the concept in every image, the unlearned one in none
+    out = probe.run(tiny, base, world, ["van gogh"], ["paraphrase", "complete500"], cfg,
+                    lambda images, c, kind: [state["base"]] * len(images))
+    assert out == {"van gogh": {"paraphrase": {"model": 0.0, "base": 1.0}, "complete500": {"model": 0.0, "base": 1.0}}}
+    assert "| van gogh | paraphrase | 0% | 100% |" in probe.table(out)
