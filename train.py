@@ -357,8 +357,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-steps", type=int, default=None, help="its steps (default: the toy evaluation's, 20 on SD)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale for images (None: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image size (None: the model's)")
-    ap.add_argument("--eval-n", type=int, default=None, help="images per style (and at least per shape and "
-                    "colour) in the toy evaluation; per concept in the CLIP evaluation (None: 32 toy, 8 SD)")
+    ap.add_argument("--eval-n", type=int, default=argparse.SUPPRESS, help="images per style (and at least per "
+                    "shape and colour) in the toy evaluation, per concept in the CLIP evaluation (default: 32 on the "
+                    "toy model, 8 on SD)")
     ap.add_argument("--clip", default=None, help="real SD: score every request with this CLIP (the transformers "
                                                  "folder of openai/clip-vit-large-patch14), as evaluate.py does")
     ap.add_argument("--no-eval", action="store_true", help="skip the toy evaluation")
@@ -385,7 +386,7 @@ def config(args, toy):
     fast = toy and args.gen_sampler in (None, EVAL_SAMPLER)
     args.gen_sampler = args.gen_sampler or (EVAL_SAMPLER if toy else "ddim")
     args.gen_steps = args.gen_steps if args.gen_steps is not None else EVAL_STEPS if fast else 20
-    args.eval_n = args.eval_n if args.eval_n is not None else 32 if toy else 8
+    args.eval_n = getattr(args, "eval_n", 32 if toy else 8)
     if args.clip is not None and toy:
         raise UserError("--clip scores real SD; the toy model is scored by its own classifier (drop --clip)")
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
