@@ -217,7 +217,6 @@ def clip_scorer(clip, world):
 
     @torch.no_grad()
     def recognised(images, concept, kind):
-        kind = world.kind(concept)
         classes = list(dict.fromkeys(world.candidates(kind) + [concept]))
         text = clip.encode_text([evaluate.TEMPLATES.get(kind, "a photo of {}").format(c) for c in classes])
         sims = clip.encode_image(evaluate.clip_preprocess(images)) @ text.T

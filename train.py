@@ -135,12 +135,13 @@ def prepare(model, ref, world, plan, cfg, args, folder):
     uncond = cfg.method == "esd" or (duge_ and cfg.target == "uncond")
     c_a = enc([""] * len(anchors) if uncond else anchors)   # ESD, and the paper's L_U: the unconditional prompt
     data = {"anchor": {"x": xs["anchor"], "c_target": enc(targets), "c_anchor": c_a}}
+    bank = {"x": xs["memory"], "c": enc(memory)} if duge_ else None
     if duge_ and cfg.prior == "related":   # ours: L_pr on the related concepts' and the anchor's images
         data["related"] = {"x": torch.cat([xs["related"], xs["anchor"]]), "c": torch.cat([enc(related), c_a])}
     elif duge_:                            # the paper's: L_pr on the memory bank
-        data["related"] = {"x": xs["memory"], "c": enc(memory)}
+        data["related"] = bank
     if duge_ and cfg.regulariser == "distil":
-        data["memory"] = {"x": xs["memory"], "c": enc(memory)}
+        data["memory"] = bank
     return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
 
 
