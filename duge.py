@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
+import distributed
 from sample import NUM_TRAIN_TIMESTEPS, add_noise
 
 
@@ -357,8 +358,9 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                     batch |= {f"x_{s}": d["x"], f"c_{s}": d["c"]}
             batch = with_noise(batch, g)
             opt.zero_grad(set_to_none=True)
-            logs, mb = {}, cfg.micro_batch or cfg.batch
-            for j in range(0, cfg.batch, mb):  # each loss is a mean: micro-batch gradients, weighted, add up
+            logs, mb = {}, min(cfg.micro_batch or cfg.batch, -(-cfg.batch // distributed.size()))
+            for j in distributed.shard(range(0, cfg.batch, mb)):  # each loss is a mean: micro-batch (and,
+                # under torchrun, every rank's) gradients, weighted, add up
                 part = {k: v[j:j + mb] for k, v in batch.items()}
                 w = len(part["x_a"]) / cfg.batch
                 with autocast:
@@ -368,6 +370,8 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                                              "lower --lr or use --dtype fp32")
                 (w * loss).backward()
                 logs = {k: logs.get(k, 0.0) + w * v for k, v in part_logs.items()}
+            distributed.sum_gradients(params.values())
+            logs = distributed.sum_logs(logs)
             if projection is not None:
                 projection.before_step()
             opt.step()

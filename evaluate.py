@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import checkpoint
 import concepts
+import distributed
 import sample
 
 # ------------------------------------------------------------------------------------------
@@ -140,11 +141,12 @@ def write_report(r, gone, kind_of, md_path, csv_path):
     """The table of every concept under phi_0 and now (markdown and CSV), and the summary printed."""
     md = table({"base": r["base"], "after": r["eval"]}, kind_of, forgotten=gone, n=r["images"])
     md += "\n\n" + "\n".join(summary_lines(r["summary"]))
-    with checkpoint.atomic_path(md_path) as tmp:
-        tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
-    write_csv({"base": r["base"], "after": r["eval"]}, csv_path, kind_of, n=r["images"])
-    for line in summary_lines(r["summary"]):
-        print("  " + line[2:], file=sys.stderr)
+    if distributed.is_main():  # under torchrun every rank has the same table; rank 0 writes it
+        with checkpoint.atomic_path(md_path) as tmp:
+            tmp.write_text(f"# Forgetting: {', '.join(gone)}\n\n{md}\n")
+        write_csv({"base": r["base"], "after": r["eval"]}, csv_path, kind_of, n=r["images"])
+        for line in summary_lines(r["summary"]):
+            print("  " + line[2:], file=sys.stderr)
     return {"eval": r["eval"], "summary": r["summary"]}
 
 
@@ -188,13 +190,16 @@ def embed_images(model, clip, its, cache=None, steps=20, guidance=None, batch=8,
     `cache` (the base model's, from an earlier request) are not drawn again."""
     cache = {} if cache is None else cache
     todo = list({it.key: it for it in its if it.key not in cache}.values())
-    for i in tqdm(range(0, len(todo), batch), desc=desc, unit="batch", disable=not todo):
-        part = todo[i:i + batch]
+    mine = distributed.shard(todo)  # under torchrun: this rank's share, gathered below
+    for i in tqdm(range(0, len(mine), batch), desc=desc, unit="batch", disable=not todo):
+        part = mine[i:i + batch]
         images = sample.generate(model, [it.prompt for it in part], steps=steps, seeds=[it.seed for it in part],
                                  guidance=model.guidance if guidance is None else guidance)
         emb = clip.encode_image(clip_preprocess(images)).float().cpu()
         for it, e in zip(part, emb):
             cache[it.key] = [round(v, 6) for v in e.tolist()]
+    for d in distributed.gather_json({it.key: cache[it.key] for it in mine}) if distributed.size() > 1 else ():
+        cache.update(d)
     return {it.key: cache[it.key] for it in its}
 
 
@@ -236,7 +241,7 @@ def evaluate(model, clip, forgotten, n, base_model=None, base_cache=None, steps=
     if any(it.key not in cache for it in its):
         with base_model():
             base_emb = embed_images(model, clip, its, cache, steps, guidance, desc="evaluation: phi_0")
-        if base_cache is not None:
+        if base_cache is not None and distributed.is_main():  # torchrun: rank 0 writes
             with checkpoint.atomic_path(base_cache) as tmp:
                 tmp.write_text(json.dumps(cache))
     else:
@@ -277,7 +282,7 @@ def main(argv=None):
         if args.n < 1 or args.steps < 1:
             raise ValueError(f"-n {args.n} / --steps {args.steps}: must be positive")
         from clip_vision import load_clip
-        device = sample.pick_device(args.device)
+        device = distributed.init(sample.pick_device(args.device))  # torchrun: this process's device
         clip = load_clip(args.clip, device=device)
         model = checkpoint.load(args.weights, device=device)
         ledger = json.loads(model.meta.get("duge.ledger", '{"steps": []}'))
@@ -290,7 +295,10 @@ def main(argv=None):
     except (checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}.md and {args.out}.csv", file=sys.stderr)
+    finally:
+        distributed.close()
+    if distributed.is_main():
+        print(f"wrote {args.out}.md and {args.out}.csv", file=sys.stderr)
     return 0
 
 

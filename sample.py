@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
+
 # -----------------------------------------------------------------------------------------------
 # The noise schedule. SD v1 trains on T=1000 steps with "scaled linear" betas: linear in sqrt(beta).
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s).
@@ -243,16 +245,21 @@ def generate_cached(model, prompts, per_prompt, folder, desc="images", batch=64,
     files = [Path(folder) / (hashlib.sha1(json.dumps([p, per_prompt, sorted(kwargs.items())]).encode()).hexdigest()[:20]
                              + ".safetensors") for p in prompts]
     todo = list(dict.fromkeys(p for p, f in zip(prompts, files) if not f.exists()))
-    where = dict(zip(prompts, files))
-    step = max(1, batch // per_prompt)
-    for i in tqdm(range(0, len(todo), step), desc=desc, unit="batch", disable=not todo):
-        part = todo[i:i + step]
+    where, drawn = dict(zip(prompts, files)), {}
+    mine, step = distributed.shard(todo), max(1, batch // per_prompt)   # under torchrun: this rank's share
+    for i in tqdm(range(0, len(mine), step), desc=desc, unit="batch", disable=not todo):
+        part = mine[i:i + step]
         x0 = generate(model, [p for p in part for _ in range(per_prompt)], decode=False,
                       seeds=[k for _ in part for k in range(per_prompt)], **kwargs)
-        for p, lat in zip(part, x0.cpu().split(per_prompt)):
-            with atomic_path(where[p]) as tmp:
-                save_file({"latents": lat.contiguous()}, str(tmp), metadata={"prompt": p})
-    return torch.cat([load_file(str(f))["latents"] for f in files])
+        drawn |= dict(zip(part, x0.cpu().split(per_prompt)))
+    if distributed.size() > 1 and todo:
+        rows = distributed.gather_rows(torch.stack([drawn[p] for p in mine]) if mine else None)
+        drawn = dict(zip(todo, rows))
+    for p in todo if distributed.is_main() else ():
+        with atomic_path(where[p]) as tmp:
+            save_file({"latents": drawn[p].contiguous()}, str(tmp), metadata={"prompt": p})
+    distributed.barrier()  # the next call's ranks must see the same files
+    return torch.cat([drawn[p] if p in drawn else load_file(str(f))["latents"] for p, f in zip(prompts, files)])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -262,11 +269,11 @@ def before_after(model, before, prompts, n=2, **kwargs):
     """For each prompt, n images with the model as it was (inside the context manager `before()`)
     then the same seeds with the model as it is: one grid row (2n, 3, H, W) per prompt."""
     rows = []
-    for p in tqdm(prompts, desc="before/after grid", unit="prompt"):
+    for p in tqdm(distributed.shard(prompts), desc="before/after grid", unit="prompt"):  # torchrun: this rank's
         with before():
             old = generate(model, [p] * n, **kwargs)
         rows.append(torch.cat([old, generate(model, [p] * n, **kwargs)]))
-    return rows
+    return list(distributed.gather_rows(torch.stack(rows) if rows else None)) if distributed.size() > 1 else rows
 
 
 def to_pil(images):

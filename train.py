@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 import baselines
 import checkpoint
 import concepts
+import distributed
 import duge
 import sample
 
@@ -246,18 +248,22 @@ def run_request(model, world, concept, cfg, args, out):
                             "hparams": dataclasses.asdict(cfg), "metrics": metrics, "delta": paths["delta"].name})
     model.meta["duge.ledger"] = json.dumps(ledger)
     rows = grid_rows(world, plan, concept)
+    main = distributed.is_main()  # under torchrun every rank holds the same model; rank 0 writes
     with phase("grid"):
         if not args.no_grid:
             grid = sample.before_after(model, phi_prev.applied, [p for p, _ in rows], **images(args))
-            sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]),
-                              paths["grid"])
+            if main:
+                sample.save_image(sample.make_grid(grid, labels=[f"{label}   before | after" for _, label in rows]),
+                                  paths["grid"])
     with phase("writing"):
         delta = trained_tensors(model.unet, names) | {f"phi0.{n}": v.cpu().contiguous() for n, v in phi0.tensors.items()}
-        with checkpoint.atomic_path(paths["delta"]) as tmp:
-            save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
-        checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file last
+        if main:
+            with checkpoint.atomic_path(paths["delta"]) as tmp:
+                save_file(delta, str(tmp), metadata={"duge.ledger": model.meta["duge.ledger"]})
+            checkpoint.save(model, paths["model"], format=model.format, dtype=args.save_dtype)  # the model file last
+            paths["resume"].unlink(missing_ok=True)
+        distributed.barrier()  # the next request reads this delta file on every rank
     model.source = str(paths["model"])
-    paths["resume"].unlink(missing_ok=True)
     total = time.time() - t0
     print(f"  wrote {paths['model']}, {paths['delta'].name}" + ("" if args.no_grid else f", {paths['grid'].name}")
           + "\n  time: "
@@ -284,10 +290,10 @@ def train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths):
 
     with stop_between_steps() as asked:
         def on_step(step, logs, opt):
-            done = step + 1
-            if asked or done % 50 == 0 or done == cfg.steps:
+            done, stop = step + 1, distributed.any_rank(asked)  # torchrun: every rank stops at the same step
+            if (stop or done % 50 == 0 or done == cfg.steps) and distributed.is_main():
                 save_resume(paths["resume"], model.unet, names, opt, concept, done, logs)
-            if asked:
+            if stop:
                 raise KeyboardInterrupt(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the "
                                         f"same command with --resume to continue from step {done}")
         try:
@@ -425,7 +431,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args.forget = [c.strip().lower() for c in args.forget]
-        device = sample.pick_device(args.device)
+        device = distributed.init(sample.pick_device(args.device))  # torchrun: this process's device
+        if not distributed.is_main():
+            sys.stderr = open(os.devnull, "w")  # rank 0 prints; an error here still shows (below)
         model = checkpoint.load(args.weights, device=device, dtype=None)  # the file's own dtype...
         args.save_dtype = sample.DTYPES[args.save_dtype] if args.save_dtype else next(model.unet.parameters()).dtype
         model.to(dtype=sample.DTYPES[args.dtype])                          # ...and the compute dtype
@@ -444,6 +452,13 @@ def main(argv=None):
         print(f"interrupted: {e}" if str(e) else "interrupted: finished requests are saved; rerun the same command "
               "with --resume to continue the current one", file=sys.stderr)
         return 130
+    except Exception:
+        if not distributed.is_main():  # rank 0 may not have failed: say which rank did
+            sys.stderr = sys.__stderr__
+            print(f"rank {distributed.rank()} failed:", file=sys.stderr)
+        raise
+    finally:
+        distributed.close()
     return 0
 
 

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import distributed
 import evaluate as shared
 import sample
 from toy import classifier, world
@@ -123,8 +124,9 @@ def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidanc
     guidance = model.guidance if guidance is None else guidance
     cache = {} if cache is None else cache
     todo = list({it.key: it for it in its if it.key not in cache}.values())
-    for i in tqdm(range(0, len(todo), batch), desc=desc, unit="batch", disable=not todo):
-        part = todo[i:i + batch]
+    mine = distributed.shard(todo)  # under torchrun: this rank's share, gathered below
+    for i in tqdm(range(0, len(mine), batch), desc=desc, unit="batch", disable=not todo):
+        part = mine[i:i + batch]
         images = sample.generate(model, [it.prompt for it in part], steps=steps, guidance=guidance,
                                  sampler=sampler, seeds=[it.seed for it in part])
         x = images * 2 - 1  # generate gives [0, 1], the classifier [-1, 1]
@@ -132,6 +134,8 @@ def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidanc
         for j, it in enumerate(part):
             cache[it.key] = {"pred": [clf.labels[h][logits[h][j].argmax().item()] for h in ("style", "shape", "colour")],
                              "feat": [round(v, 4) for v in feats[j].tolist()]}
+    for d in distributed.gather_json({it.key: cache[it.key] for it in mine}) if distributed.size() > 1 else ():
+        cache.update(d)
     return {it.key: cache[it.key] for it in its}
 
 
@@ -210,7 +214,7 @@ def evaluate(model, forgotten, n, base_model=None, base_cache=None):
     if any(it.key not in cache for it in its):
         with base_model():
             base_results = draw(model, its, cache, desc="evaluation: phi_0")
-        if base_cache is not None:
+        if base_cache is not None and distributed.is_main():  # torchrun: rank 0 writes
             with checkpoint.atomic_path(base_cache) as tmp:
                 tmp.write_text(json.dumps(cache))
     else:
