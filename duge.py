@@ -2,34 +2,27 @@
 
 Paper: K. Thakral, T. Glaser, T. Hassner, M. Vatsa, R. Singh, "Continual Unlearning for
 Foundational Text-to-Image Models without Generalization Erosion", arXiv 2503.13769 (2025).
+Only its abstract is public; its three sentences are quoted next to the code below, and the
+formulas are THIS PROJECT'S RECONSTRUCTION (README, "How DUGE works"). Notation:
 
-Only the paper's abstract is public. Its three sentences are quoted next to the code below; the
-formulas are THIS PROJECT'S RECONSTRUCTION (see README, "What is reconstructed"). Notation:
-
-    theta     the UNet being unlearned; only its cross-attention key/value projections train
-    phi_0     the ORIGINAL base model, frozen, from before the first unlearning request
-    c*        a prompt naming the target concept, c^a the same prompt with the concept replaced
-              by its anchor ("a painting in the style of van gogh" -> "a painting")
-    A^l       output of the l-th cross-attention layer (attn2), before its output projection
-    x_t       sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise), t ~ U{0..999}
+    theta   the UNet being unlearned; only its cross-attention key/value projections train
+    phi_0   the ORIGINAL model, frozen, from before the first request (phi_n: a step's start)
+    c*, c^a a prompt naming the target concept, and the same prompt with it replaced by its
+            anchor ("a painting in the style of van gogh" -> "a painting")
+    A^l     output of the l-th cross-attention layer (attn2), before its output projection
+    x_t     sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise), t ~ U{0..999}
 
     L = L_U + lambda_pr * L_pr + lambda_reg * R_pr
 
-Requests come one at a time ("decremental steps"); every step starts from the model the previous
-one produced. `recipe` says which concepts feed each loss in a step: the ledger of concepts
-forgotten so far is replayed in L_U, so an earlier concept cannot come back (resurgence) while a
-new one is removed, and the memory grows with every kind of concept hit.
+Requests come one at a time ("decremental steps"), each from the previous output. `recipe` says
+which concepts feed each loss: the ledger of forgotten concepts is replayed in L_U (no resurgence),
+and the memory grows with every kind of concept hit. phi_0 is never a second UNet: it differs
+from theta only in the trained tensors, so the same module runs with a copy of them swapped in.
 
-phi_0 differs from theta only in the trainable tensors, so it is never a second UNet: we keep a
-copy of those tensors and run the same module with them swapped in (torch.func.functional_call);
-peak memory stays near one UNet, where ESD's code holds two.
-
-Two recipes: "ours" (the default), the reconstruction above, and "paper", the most specific
-description of the paper found (a review's paraphrase; README "The paper's DUGE and ours"): L_U
-on the attention MAPS of the target prompt against the UNCONDITIONAL prompt's under phi_n (the
-model the step starts from), L_pr on a memory bank of images of other concepts, R_pr a pull of the
-parameters towards phi_n, no replay. Each departure is a DugeConfig field of its own (RECIPES).
-No file I/O and no CLI here: train.py turns the recipe into prompts and images, and saves.
+Two recipes: "ours" (default), the reconstruction, and "paper", as a review paraphrases the paper
+(README, "The paper's DUGE and ours"): L_U on attention MAPS against the UNCONDITIONAL prompt's
+under phi_n, L_pr on a memory bank, R_pr a parameter pull to phi_n, no replay; each departure is a
+DugeConfig field (RECIPES). No file I/O and no CLI here: train.py makes the data and saves.
 """
 import math
 from contextlib import contextmanager, nullcontext
@@ -49,8 +42,7 @@ METHODS = ("duge", "esd", "ca", "uce", "finetune")
 
 @dataclass
 class DugeConfig:
-    """Every default of a request. PRESETS holds the toy-world and real-SD values; train.py's
-    flags override single fields."""
+    """Every default of a request (PRESETS: the toy's and real SD's); train.py's flags override fields."""
     steps: int = 200
     lr: float = 1e-3          # AdamW on the trainable tensors
     batch: int = 8            # images per group (anchor / related / memory) in each step
@@ -103,9 +95,8 @@ RECIPES = {"ours": {}, "paper": dict(reference="phin", target="uncond", attentio
                                      regulariser="l2", replay=False)}
 
 
-# SD: a 512 px request trains on 3 x 8 images; in micro-batches of 2 with checkpointing its peak is
-# one UNet plus a few GB (README, "Real SD on one GPU"), where the whole batch at once would need ~45 GB
-# Toy: 100 steps forget as fully as 200 and erode less (README, "One request"); SD keeps 200 (never measured).
+# SD: 3 x 8 images per step in micro-batches of 2, checkpointed: one UNet plus a few GB, not ~45 GB (README,
+# "Real SD on one GPU"). Toy: 100 steps forget as fully as 200 and erode less (README, "One request").
 PRESETS = {"toy": DugeConfig(steps=100), "sd": DugeConfig(lr=1e-5, micro_batch=2, checkpointing=True)}
 
 
@@ -140,9 +131,8 @@ def recipe(ledger, concept, anchor, kind, candidates, nearest, retain=None, repl
 # What trains, the frozen original, and what L_U reads
 
 def trainable_names(unet, which="kv"):
-    """Names of the trained tensors. SD v1: 16 attn2 layers x (to_k, to_v) = 19.2 M parameters.
-    The keys and values are the only place where the prompt enters the UNet, so editing them
-    changes what a prompt means while leaving what the UNet can draw untouched."""
+    """Names of the trained tensors (SD v1: 16 attn2 x (to_k, to_v) = 19.2 M parameters). Keys and values
+    are where the prompt enters the UNet: editing them changes what a prompt means, not what it can draw."""
     parts = {"kv": ("to_k.weight", "to_v.weight"),
              "attn2": ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")}
     if which not in parts:
@@ -176,10 +166,9 @@ class Original:
 
 
 class AttentionRecorder:
-    """What every attn2 layer computed during one forward, taken by forward pre-hooks (they fire
-    under functional_call too): A^l, the input of attn2.to_out (B, N, C), or with what="maps" the
-    attention maps (B, H, N, T). A layer the forward never reached stays None; leaving the block
-    never raises."""
+    """What every attn2 layer computed in one forward, taken by forward pre-hooks (which fire under
+    functional_call too): A^l, the input of attn2.to_out (B, N, C), or with what="maps" the attention
+    maps (B, H, N, T). A layer the forward never reached stays None."""
 
     def __init__(self, unet, what="outputs"):
         layers = [m for _, m in unet.cross_attentions()]
@@ -209,16 +198,14 @@ class AttentionRecorder:
 # `losses` below, so each reads as its formula.
 
 def cross_attention_loss(attn_theta, attn_phi0, eps_theta, eps_phi0):
-    """Abstract: "a cross-attention loss that steers the focus towards images devoid of the
-    target concept".
+    """Abstract: "a cross-attention loss that steers the focus towards images devoid of the target concept".
 
         L_U = mean_l || A^l_theta(x_t, t, c*) - sg A^l_phi0(x_t, t, c^a) ||^2
               + || eps_theta(x_t, t, c*) - sg eps_phi0(x_t, t, c^a) ||^2,     x_0 in X^a
 
     On images without the concept (X^a, drawn by phi_0 from anchor prompts), the target prompt
     is made to attend, and to denoise, exactly as the anchor prompt does under the original
-    model. The second term (as in Concept Ablation, Kumari et al. 2023) ties the final output too.
-    """
+    model. The second term (as in Concept Ablation, Kumari et al. 2023) ties the final output too."""
     return layer_mean_mse(attn_theta, attn_phi0) + F.mse_loss(eps_theta, eps_phi0)
 
 
@@ -228,8 +215,7 @@ def layer_mean_mse(xs, ys):
 
 
 def prior_preservation_loss(eps_theta, noise):
-    """Abstract: "a prior-preservation loss that safeguards knowledge related to non-target
-    concepts".
+    """Abstract: "a prior-preservation loss that safeguards knowledge related to non-target concepts".
 
         L_pr = || eps_theta(x_t, t, c^r) - eps ||^2,      x_0 in X^r (and X^a with c^a)
 
@@ -239,8 +225,7 @@ def prior_preservation_loss(eps_theta, noise):
 
 
 def regularization_loss(eps_theta, eps_phi0, trained=None, original=None, gamma=0.0):
-    """Abstract: "a regularization loss that prevents the model from suffering from
-    generalization erosion".
+    """Abstract: "a regularization loss that prevents the model from suffering from generalization erosion".
 
         R_pr = || eps_theta(x_t, t, c_m) - sg eps_phi0(x_t, t, c_m) ||^2  (+ gamma ||theta - theta_0||^2),
                c_m in the memory M (Recipe.memory's prompts and generic ones)
@@ -283,11 +268,9 @@ def with_noise(batch, generator):
 
 
 def losses(unet, ref, params, batch, cfg):
-    """All three losses from two UNet calls: theta on every group (attn2 recorded), the frozen
-    reference (phi_0 or phi_n) on those it supervises (anchor; memory, when R_pr distils).
-    batch: x_a, c_target, c_anchor (anchor images with target / anchor prompts), x_r, c_r (L_pr's
-    images), x_m, c_m (the memory; absent when R_pr is the parameter pull), and each group's noise
-    eps_* and timesteps t_* (with_noise)."""
+    """All three losses from two UNet calls: theta on every group (attn2 recorded), the frozen reference
+    (phi_0 or phi_n) on those it supervises. batch: x_a, c_target, c_anchor (anchor images with target /
+    anchor prompts), x_r, c_r (L_pr's), x_m, c_m (memory; absent for the l2 R_pr), eps_*, t_* (with_noise)."""
     groups = [g for g in "arm" if f"x_{g}" in batch]
     sizes = [len(batch[f"x_{g}"]) for g in groups]
     noise, t = (torch.cat([batch[f"{k}_{g}"] for g in groups]) for k in ("eps", "t"))
@@ -324,14 +307,10 @@ def draw(data, n, generator):
 
 def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, optimizer_state=None,
             on_step=None, loss_fn=None, projection=None):
-    """Train theta for cfg.steps on the three losses. `data` holds precomputed latents and text
-    contexts (the text encoder is frozen, so prompts are encoded once):
-        data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"] = {"x", "c"},
-        data["memory"] = {"x", "c"}.
-    Returns per-step loss history. `on_step(step, logs, optimizer)` runs after every step (train.py
-    writes its resume point there). loss_fn (default: DUGE's `losses`) and projection (a
-    baselines.GradientProjection) let the same loop run the baselines and CUIG's add-ons; a
-    baseline's data may hold the anchor group alone."""
+    """Train theta for cfg.steps on the three losses; -> per-step loss history. `data`: precomputed latents
+    and contexts, data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"|"memory"] = {"x", "c"}.
+    on_step(step, logs, optimizer) runs after every step (train.py's resume point). loss_fn (default:
+    `losses`) and projection (baselines.GradientProjection) run the baselines and CUIG's add-on in this loop."""
     loss_fn = loss_fn or losses
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())
@@ -359,8 +338,8 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
             batch = with_noise(batch, g)
             opt.zero_grad(set_to_none=True)
             logs, mb = {}, min(cfg.micro_batch or cfg.batch, -(-cfg.batch // distributed.size()))
-            for j in distributed.shard(range(0, cfg.batch, mb)):  # each loss is a mean: micro-batch (and,
-                # under torchrun, every rank's) gradients, weighted, add up
+            for j in distributed.shard(range(0, cfg.batch, mb)):  # each loss is a mean: the micro-batches'
+                # (under torchrun: every rank's share of them) weighted gradients add up
                 part = {k: v[j:j + mb] for k, v in batch.items()}
                 w = len(part["x_a"]) / cfg.batch
                 with autocast:

@@ -5,6 +5,7 @@
     python train.py --forget "van gogh" --forget "picasso"              # two requests in a row
     python train.py --forget "van gogh" --weights v1-5-pruned-emaonly.safetensors   # real SD v1
     python train.py --forget "van gogh" --method esd                     # a baseline (baselines.py)
+    torchrun --nproc_per_node 2 train.py --forget "van gogh"             # several GPUs (distributed.py)
 
 Each request (a "decremental step"): duge.recipe says which concepts feed each loss, concepts.py
 turns them into prompts, the ORIGINAL model phi_0 draws their images (cached on disk), duge.unlearn

@@ -36,6 +36,7 @@ VARIANTS = {
     "duge-no-replay": ["--no-replay"],             # earlier concepts not replayed in L_U
     "duge+gp": ["--gp"],                           # CUIG's gradient projection on top
     "duge-paper": ["--recipe", "paper"],           # DUGE as the paper is described (duge.RECIPES)
+    "duge-paper-cal": ["--recipe", "paper"],       # the same, its strength chosen as the baselines' (--calibrate)
     "duge+phin": ["--reference", "phin"],          # each of the paper's departures alone, on ours
     "duge+uncond": ["--target", "uncond"],
     "duge+maps": ["--attention", "maps"],
@@ -61,7 +62,9 @@ SEQUENCES = {
 STEPS = ("5", "10", "25", "50", "100", "200", "400")
 STRENGTHS = {"esd": [["--steps", s] for s in STEPS], "ca": [["--steps", s] for s in STEPS],
              "finetune": [["--steps", s] for s in STEPS],
-             "uce": [["--uce-preserve", w] for w in ("100", "30", "10", "3", "1", "0.3", "0.1")]}
+             "uce": [["--uce-preserve", w] for w in ("100", "30", "10", "3", "1", "0.3", "0.1")],
+             # the paper's recipe gives no weights: L_U's share of the loss, raised by lowering the two others
+             "duge-paper-cal": [["--lambda-pr", w, "--lambda-reg", w] for w in ("0.5", "0.1", "0.02", "0")]}
 
 
 def forget_accuracy(weights, concept, n):
@@ -75,7 +78,8 @@ def forget_accuracy(weights, concept, n):
 def calibrate(methods, concept, outdir, n, extra):
     """For each baseline, the mildest strength that forgets the first request's concept to <= 10%,
     on that request alone. -> {method: flags}, also written to OUT/calibration.json."""
-    path, chosen, lines = outdir / "calibration.json", {}, []
+    path, lines = outdir / "calibration.json", []
+    chosen = json.loads(path.read_text()) if path.exists() else {}   # other methods' choices stay
     for m in [m for m in methods if m in STRENGTHS]:
         for flags in STRENGTHS[m]:
             out = outdir / "calibrate" / m / f"{'-'.join(flags).strip('-')}.safetensors"
