@@ -224,10 +224,11 @@ def clip_scorer(clip, world):
     return recognised
 
 
-def run(model, base, world, gone, probes, cfg, recognised):
+def run(model, base, world, gone, probes, cfg, recognised, base_results=None):
     """-> {concept: {probe: {"model": fraction, "base": fraction}}}. `base` is a context manager
-    that swaps the base model in."""
-    out = {}
+    that swaps the base model in; base_results ("concept|probe" -> fraction) keeps the base model's
+    results across calls (the same original under several unlearned models)."""
+    out, base_results = {}, {} if base_results is None else base_results
     for concept in gone:
         kind = world.kind(concept)
         with base():   # the attacker's images of the concept: the base model's, from its own prompts
@@ -237,10 +238,14 @@ def run(model, base, world, gone, probes, cfg, recognised):
         for name in probes:
             row = {}
             for who, ctx in (("model", nullcontext), ("base", base)):
+                if who == "base" and f"{concept}|{name}" in base_results:
+                    row[who] = base_results[f"{concept}|{name}"]
+                    continue
                 with ctx():
                     images, _ = probe_images(name, model, world, concept, latents, cfg, gone)
                     hits = recognised(images, concept, kind)
                 row[who] = sum(hits) / len(hits)
+            base_results[f"{concept}|{name}"] = row["base"]
             out[concept][name] = row
             print(f"  {concept}, {name}: recognised {100 * row['model']:.0f}% (base model {100 * row['base']:.0f}%)",
                   file=sys.stderr)

@@ -91,3 +91,26 @@ def test_run_scores_the_model_and_the_base(tiny):
                     lambda images, c, kind: [state["base"]] * len(images))
     assert out == {"van gogh": {"paraphrase": {"model": 0.0, "base": 1.0}, "complete500": {"model": 0.0, "base": 1.0}}}
     assert "| van gogh | paraphrase | 0% | 100% |" in probe.table(out)
+
+
+def test_benchmark_probe_table_and_figure(tmp_path):
+    """experiments/probes.py's outputs from known results: one row per concept and probe, every
+    method's recognition and the base model's once; the figure is written."""
+    from experiments import probes
+    by_method = {"duge": {"van gogh": {"context": {"model": 0.25, "base": 1.0}, "relearn": {"model": 0.0, "base": 0.9375}}},
+                 "esd": {"van gogh": {"context": {"model": 1.0, "base": 1.0}, "relearn": {"model": 0.5, "base": 0.9375}}}}
+    text = probes.table(by_method, ["van gogh"], ["context", "relearn"])
+    assert text.splitlines()[0] == "| concept | probe | duge | esd | base model (ceiling) |"
+    assert text.splitlines()[2:] == ["| van gogh | context | 25% | 100% | 100% |", "| van gogh | relearn | 0% | 50% | 94% |"]
+    probes.plot(by_method, ["van gogh"], ["context", "relearn"], tmp_path / "p.png")
+    from PIL import Image
+    img = Image.open(tmp_path / "p.png")
+    assert img.width > 100 and len(set(img.convert("RGB").getdata())) > 3   # bars in several colours
+
+
+def test_benchmark_probes_refuse_a_missing_model_in_one_line(tmp_path, capsys):
+    from experiments import probes
+    assert probes.main(["--methods", "duge", "--out", str(tmp_path), "--docs", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no model of duge after request 1") and "\n" not in err
+    assert not (tmp_path / "d").exists()
