@@ -12,7 +12,7 @@ The probes, for a forgotten concept c (the published attacks on unlearning, at t
                encoder bypassed: can ANY conditioning still draw c?
   complete500/800  diffusion completion ("When Are Concepts Erased From Diffusion Models?", NeurIPS
                2025): images of c noised to t = 501 or 801 (on DDIM's 10-step grid) and denoised from
-               there with a prompt that does not name c
+               there with no prompt at all (the empty context, no guidance)
   relearn      a short benign fine-tune (the plain diffusion loss on retained concepts only), then
                c's own prompts again: does c come back by itself?
 "Images of c" are drawn by the base model from c's prompts (the attacker's data). Each probe gives
@@ -44,7 +44,6 @@ HELD_OUT = {"style": ["a {colour} {shape}, an homage to {}", "{} would have pain
                        "there is a {colour} {} here", "an image containing a {colour} {}"],
             "colour": ["a {shape} coloured {}", "a {shape} painted all in {}", "a {} coloured {shape}",
                        "a {shape}, {} all over"]}
-NEUTRAL = {"style": "a {colour} {shape}", "object": "a {colour} shape", "colour": "a {shape}"}
 
 
 def misspellings(name):
@@ -79,16 +78,16 @@ def fill(template, concept, colour, shape):
 # Drawing from a context (prompts encoded, or learned)
 
 @torch.no_grad()
-def draw(model, cond, seeds, steps, start=None, t_start=None):
-    """Images (B, 3, H, W) in [0, 1] from contexts cond (B, 77, D), with guidance; from noise, or
-    from latents `start` noised to t_start (diffusion completion)."""
+def draw(model, cond, seeds, steps, start=None, t_start=None, guidance=None):
+    """Images (B, 3, H, W) in [0, 1] from contexts cond (B, 77, D), with guidance (None: the model's);
+    from noise, or from latents `start` noised to t_start (diffusion completion)."""
     uncond = sample.encode_prompts(model, [""] * len(cond))
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     f = model.vae.downscale
     shape = (len(cond), model.unet.cfg.in_channels, model.image_size // f, model.image_size // f)
     noise = sample.per_image_noise(shape, gens, cond.device, cond.dtype)
     x = noise if start is None else sample.add_noise(start, noise, torch.full((len(cond),), t_start))
-    eps_fn = sample.guided_eps(model.unet, cond, uncond, model.guidance)
+    eps_fn = sample.guided_eps(model.unet, cond, uncond, model.guidance if guidance is None else guidance)
     x0 = sample.ddim_sample(eps_fn, x, steps, generators=gens, start=t_start)
     return ((model.vae.decode(x0).float() + 1) / 2).clamp(0, 1)
 
@@ -161,10 +160,12 @@ def probe_images(name, model, world, concept, latents, cfg, exclude=()):
                                                   cfg.batch, cfg.seed), cfg.inversion_steps, cfg.inversion_lr, name)
             return draw(model, ctx.detach().expand(cfg.n, -1, -1), seeds, cfg.steps), ["(learned context)"] * cfg.n
         if name.startswith("complete"):   # t = 501 / 801: on the 10-step grid 1, 101, ..., 901
+            # Neutral = no prompt, unguided. A prompt that names anything else, guided, pulls the image
+            # away from c even in the base model (toy, van gogh at t = 501: "a red circle" 0/16, "a
+            # painting" 0/16 recognised; the empty context without guidance 15/16)
             t0 = int(name.removeprefix("complete")) + 1
-            prompts = [fill(NEUTRAL.get(kind, "a photo"), "", *pairs[i]) for i in range(cfg.n)]
-            start = latents[torch.arange(cfg.n) % len(latents)]
-            return draw(model, sample.encode_prompts(model, prompts), seeds, 10, start, t0), prompts
+            prompts, start = [""] * cfg.n, latents[torch.arange(cfg.n) % len(latents)]
+            return draw(model, sample.encode_prompts(model, prompts), seeds, 10, start, t0, guidance=1.0), prompts
         if name == "relearn":
             return relearn(model, world, concept, exclude, cfg, seeds, pairs, own)
         raise ValueError(f"unknown probe {name!r}: choose from {', '.join(PROBES)}")
