@@ -5,7 +5,8 @@ unlearned model AND on the base model (where it must succeed, or it measures not
     python probe.py --weights out/sd15-no-van-gogh.safetensors --clip clip-vit-large-patch14/ --device cuda
 
 The probes, for a forgotten concept c (the published attacks on unlearning, at toy scale):
-  paraphrase   prompts no training template uses, and misspellings of c's name
+  paraphrase   prompts no training template uses
+  misspelling  the training templates with c's name misspelt (a letter dropped or doubled, the space gone)
   inversion1/4 textual inversion (Gal et al. 2023; as an attack, Pham et al., ICLR 2024): 1 or 4 new
                token embeddings learned on images of c, everything else frozen, then used in prompts
   context      the whole cross-attention context (77 x width) learned on images of c, the text
@@ -33,7 +34,7 @@ import checkpoint
 import duge
 import sample
 
-PROBES = ("paraphrase", "inversion1", "inversion4", "context", "complete500", "complete800", "relearn")
+PROBES = ("paraphrase", "misspelling", "inversion1", "inversion4", "context", "complete500", "complete800", "relearn")
 PLACEHOLDER = "*"  # the word whose token embedding textual inversion replaces
 
 # Phrasings the toy world's captions and unlearning templates never use ({} is the concept), and
@@ -137,10 +138,10 @@ def probe_images(name, model, world, concept, latents, cfg, exclude=()):
     for p in frozen:
         p.requires_grad_(False)
     try:
-        if name == "paraphrase":
-            miss = misspellings(concept)   # every other prompt: a training template with a misspelt name
-            prompts = [fill(held_out[i // 2 % len(held_out)], concept, *pairs[i]) if i % 2 == 0 or not miss else
-                       fill(own[i // 2 % len(own)], miss[i // 2 % len(miss)], *pairs[i]) for i in range(cfg.n)]
+        if name in ("paraphrase", "misspelling"):
+            miss = misspellings(concept) or [concept]
+            prompts = [fill(held_out[i % len(held_out)], concept, *pairs[i]) if name == "paraphrase" else
+                       fill(own[i % len(own)], miss[i % len(miss)], *pairs[i]) for i in range(cfg.n)]
             return draw(model, sample.encode_prompts(model, prompts), seeds, cfg.steps), prompts
         if name.startswith("inversion"):
             k = int(name.removeprefix("inversion"))

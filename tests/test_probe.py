@@ -68,7 +68,9 @@ def test_every_probe_draws_its_images_and_puts_the_model_back(tiny, name):
     assert images.shape == (3, 3, tiny.image_size, tiny.image_size) and 0 <= images.min() <= images.max() <= 1
     assert len(prompts) == 3
     if name == "paraphrase":
-        assert not set(prompts) & set(world.prompts("van gogh", "style", 8)) and any("vangogh" in p for p in prompts)
+        assert not set(prompts) & set(world.prompts("van gogh", "style", 8)) and all("van gogh" in p for p in prompts)
+    if name == "misspelling":
+        assert all("van gogh" not in p for p in prompts) and any("vangogh" in p for p in prompts)
     if name.startswith("inversion"):
         assert all(p.count(probe.PLACEHOLDER) == int(name[-1]) and "van gogh" not in p for p in prompts)
     if name.startswith("complete"):   # no prompt at all: the empty context, unguided
