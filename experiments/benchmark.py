@@ -3,7 +3,7 @@ ablations and the baselines, and what each model still knows after every step.
 
     python -m experiments.benchmark                                     # 12 styles; DUGE and the baselines
     python -m experiments.benchmark --methods duge,duge-no-reg,duge-no-pr,duge-no-replay,duge+gp
-    python -m experiments.benchmark --methods duge,duge-paper,duge+phin,duge+uncond,duge+maps,duge+memory-prior,duge+l2
+    python -m experiments.benchmark --methods duge,duge-paper,duge+phin,duge+uncond,duge+maps,duge-no-replay,duge+memory-prior,duge+l2 --docs docs/recipes
     python -m experiments.benchmark --sequence mixed --out out/bench-mixed --docs out/bench-mixed
 
 CUIG's protocol (Lee et al., ICLR 2026): 12 requests of one kind (12 of the 20 styles; in-domain =
