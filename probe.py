@@ -8,7 +8,8 @@ The probes, for a forgotten concept c (the published attacks on unlearning, at t
   paraphrase   prompts no training template uses
   misspelling  the training templates with c's name misspelt (a letter dropped or doubled, the space gone)
   inversion1/4 textual inversion (Gal et al. 2023; as an attack, Pham et al., ICLR 2024): 1 or 4 new
-               token embeddings learned on images of c, everything else frozen, then used in prompts
+               token embeddings learned on images of c, everything else frozen, then used in the
+               templates they were learned in
   context      the whole cross-attention context (77 x width) learned on images of c, the text
                encoder bypassed: can ANY conditioning still draw c?
   complete500/800  diffusion completion ("When Are Concepts Erased From Diffusion Models?", NeurIPS
@@ -152,7 +153,10 @@ def probe_images(name, model, world, concept, latents, cfg, exclude=()):
             learn([vectors], lambda s: diffusion_loss(model, latents, lambda idx: encode_with(
                 model, [train[i] for i in idx.tolist()], vectors), s, cfg.batch, cfg.seed),
                 cfg.inversion_steps, cfg.inversion_lr, name)
-            prompts = [fill(held_out[i % len(held_out)], word, *pairs[i]) for i in range(cfg.n)]
+            # drawn from the templates it was learned in, as textual inversion is used (from held-out
+            # phrasings the toy base model recognised van gogh in 1 of 32 images: that measures the
+            # toy tokenizer, not the attack)
+            prompts = [fill(own[i % len(own)], word, *pairs[i]) for i in range(cfg.n)]
             with torch.no_grad():
                 return draw(model, encode_with(model, prompts, vectors.detach()), seeds, cfg.steps), prompts
         if name == "context":

@@ -31,9 +31,12 @@ def model_path(out, method, step):
 
 
 def probe_method(method, path, concepts, probes, cfg, recognised, base_results, keep):
-    """One method's probes, kept in `keep` (JSON) so a rerun reads them back."""
-    if keep.exists():
-        return json.loads(keep.read_text())
+    """One method's probes, kept in `keep` (JSON) so a rerun reads them back and runs only the probes
+    missing there."""
+    done = json.loads(keep.read_text()) if keep.exists() else {}
+    todo = [p for p in probes if any(p not in done.get(c, {}) for c in concepts)]
+    if not todo:
+        return done
     model = checkpoint.load(path)
     ledger = train.read_ledger(model)
     missing = [c for c in concepts if c not in train.forgotten(ledger)]
@@ -41,8 +44,9 @@ def probe_method(method, path, concepts, probes, cfg, recognised, base_results, 
         raise train.UserError(f"{path} has not forgotten {', '.join(missing)} (its ledger: "
                               f"{', '.join(train.forgotten(ledger))})")
     phi0 = train.load_phi0(model, ledger, argparse.Namespace(base=None))
-    results = probe.run(model, phi0.applied, train.concept_source(model, 0), concepts, probes, cfg, recognised,
+    results = probe.run(model, phi0.applied, train.concept_source(model, 0), concepts, todo, cfg, recognised,
                         base_results)
+    results = {c: {**done.get(c, {}), **results[c]} for c in concepts}
     with checkpoint.atomic_path(keep) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
     return results
