@@ -87,6 +87,14 @@ def gather_json(obj):
     return [json.loads(bytes(b.cpu().tolist()).decode()) for b in _gather_flat(data)]
 
 
+def gather_dict(d):
+    """A dict from every rank (JSON-able values) -> the union of them, on every rank."""
+    out = {}
+    for part in gather_json(d):
+        out.update(part)
+    return out
+
+
 def gather_tensors(t):
     """A tensor from every rank (shapes may differ; None: nothing) -> the list of them, on every
     rank, on t's device."""

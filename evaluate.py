@@ -198,8 +198,7 @@ def embed_images(model, clip, its, cache=None, steps=20, guidance=None, batch=8,
         emb = clip.encode_image(clip_preprocess(images)).float().cpu()
         for it, e in zip(part, emb):
             cache[it.key] = [round(v, 6) for v in e.tolist()]
-    for d in distributed.gather_json({it.key: cache[it.key] for it in mine}) if distributed.size() > 1 else ():
-        cache.update(d)
+    cache.update(distributed.gather_dict({it.key: cache[it.key] for it in mine}))   # every rank's share
     return {it.key: cache[it.key] for it in its}
 
 

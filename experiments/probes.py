@@ -18,7 +18,7 @@ from pathlib import Path
 import checkpoint
 import probe
 import train
-from experiments.benchmark import SEQUENCES
+from experiments.benchmark import COLOURS, SEQUENCES
 
 
 def model_path(out, method, step):
@@ -62,9 +62,6 @@ def table(by_method, concepts, probes):
             lines.append(f"| {c} | {p} | " + " | ".join(f"{100 * by_method[m][c][p]['model']:.0f}%" for m in methods)
                          + f" | {100 * first['base']:.0f}% |")
     return "\n".join(lines)
-
-
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
 def plot(by_method, concepts, probes, path):

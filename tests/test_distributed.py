@@ -44,6 +44,7 @@ def test_gathers_across_two_processes(tmp_path):
         r = distributed.rank()
         assert distributed.size() == 2
         assert distributed.gather_json({{"rank": r, "x": [r] * (r + 1)}}) == [{{"rank": 0, "x": [0]}}, {{"rank": 1, "x": [1, 1]}}]
+        assert distributed.gather_dict({{f"k{{r}}": r, "both": 1}}) == {{"k0": 0, "k1": 1, "both": 1}}
         parts = distributed.gather_tensors(torch.full((r + 1, 3), float(r)) if r else None)
         assert parts[0] is None and parts[1].shape == (2, 3) and (parts[1] == 1).all(), parts
         items = list(range(5))

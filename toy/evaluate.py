@@ -134,8 +134,7 @@ def draw(model, its, cache=None, sampler=EVAL_SAMPLER, steps=EVAL_STEPS, guidanc
         for j, it in enumerate(part):
             cache[it.key] = {"pred": [clf.labels[h][logits[h][j].argmax().item()] for h in ("style", "shape", "colour")],
                              "feat": [round(v, 4) for v in feats[j].tolist()]}
-    for d in distributed.gather_json({it.key: cache[it.key] for it in mine}) if distributed.size() > 1 else ():
-        cache.update(d)
+    cache.update(distributed.gather_dict({it.key: cache[it.key] for it in mine}))   # every rank's share
     return {it.key: cache[it.key] for it in its}
 
 
