@@ -21,8 +21,9 @@ from theta only in the trained tensors, so the same module runs with a copy of t
 
 Two recipes: "ours" (default), the reconstruction, and "paper", as a review paraphrases the paper
 (README, "The paper's DUGE and ours"): L_U on attention MAPS against the UNCONDITIONAL prompt's
-under phi_n, L_pr on a memory bank, R_pr a parameter pull to phi_n, no replay; each departure is a
-DugeConfig field (RECIPES). No file I/O and no CLI here: train.py makes the data and saves.
+under phi_n, R_pr a parameter pull to phi_n, no replay (L_pr on a memory bank: ours took that from
+it, as it measured better); each departure is a DugeConfig field (RECIPES). The robust variant's
+adversary (adversarial.py) adds one term, L_adv. No file I/O and no CLI here: train.py makes the data and saves.
 """
 import math
 from contextlib import contextmanager, nullcontext
@@ -49,9 +50,9 @@ class DugeConfig:
     lambda_pr: float = 2.0    # weight of the prior-preservation loss L_pr (toy-world tuned, README)
     lambda_reg: float = 1.0   # weight of the memory regulariser R_pr
     gamma: float = 0.0        # optional L2 pull of the trained tensors towards phi_0 (inside R_pr)
-    trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor
+    trainable: str = "kv"     # "kv": attn2.to_k/to_v (default); "attn2": every attn2 tensor; "unet": all of it
     replay: bool = True       # replay the ledger's concepts in L_U
-    num_related: int = 3      # related concepts R_k protected by L_pr
+    num_related: int = 3      # related concepts R_k, kept in the memory (and L_pr's images with prior="related")
     num_prompts: int = 8      # prompts per concept
     images_per_prompt: int = 2
     memory: int = 24          # generic prompts in the memory M
@@ -66,19 +67,23 @@ class DugeConfig:
     uce_lambda: float = 0.1   # UCE's pull towards the unedited weights
     uce_preserve: float = 1.0  # UCE's weight of the preserved concepts
     gp: bool = False          # CUIG's gradient projection: updates orthogonal to the retained concepts
-    # the recipe, one field per departure from the paper's description (first choice: ours; second: the paper's)
+    # the recipe, one field per choice the paper's description makes (first: ours; second: the other one)
     recipe: str = "ours"
     reference: str = "phi0"   # the frozen model of L_U and R_pr: phi_0 the original | phi_n, the step's start
     target: str = "anchor"    # L_U's target context: the anchor prompt | uncond, the empty prompt
     attention: str = "outputs"  # L_U compares attn2 outputs (+ eps) | maps, softmax(q k^T / sqrt(d))
-    prior: str = "related"    # L_pr's images: the related concepts' and the anchor's | memory, the memory bank's
+    prior: str = "memory"     # L_pr's images: the memory bank's | related, the related concepts' and the anchor's
     regulariser: str = "distil"  # R_pr: distil to the reference on the memory | l2, parameters to the reference
+    # the robust variant (adversarial.py): context-inversion steps against theta per training step (0: off)
+    adversarial: int = 0
+    lambda_adv: float = 1.0   # weight of L_adv, theta under the attacker's context vs phi_0 under the anchor
 
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
         for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
                           ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0),
-                          ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0)):
+                          ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0),
+                          ("adversarial", 0), ("lambda_adv", 0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
@@ -87,9 +92,9 @@ class DugeConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r}: choose one of {', '.join(map(repr, allowed))}")
 
 
-CHOICES = {"method": METHODS, "autocast": ("", "bf16", "fp16"), "trainable": ("kv", "attn2"),
+CHOICES = {"method": METHODS, "autocast": ("", "bf16", "fp16"), "trainable": ("kv", "attn2", "unet"),
            "recipe": ("ours", "paper"), "reference": ("phi0", "phin"), "target": ("anchor", "uncond"),
-           "attention": ("outputs", "maps"), "prior": ("related", "memory"), "regulariser": ("distil", "l2")}
+           "attention": ("outputs", "maps"), "prior": ("memory", "related"), "regulariser": ("distil", "l2")}
 # The fields each recipe sets (train.py applies them before the user's own flags)
 RECIPES = {"ours": {}, "paper": dict(reference="phin", target="uncond", attention="maps", prior="memory",
                                      regulariser="l2", replay=False)}
@@ -106,7 +111,7 @@ PRESETS = {"toy": DugeConfig(steps=100), "sd": DugeConfig(lr=1e-5, micro_batch=2
 @dataclass
 class Recipe:
     unlearn: list             # (concept, anchor) pairs for L_U: this request, and every earlier one
-    related: list             # R_k: the concepts nearest this one, protected by L_pr
+    related: list             # R_k: the concepts nearest this one, which erode first (in the memory)
     memory: list              # the concepts whose prompts fill M for R_pr (generic prompts come on top)
     exclude: list             # every forgotten concept: never in a prompt we keep
 
@@ -135,8 +140,10 @@ def trainable_names(unet, which="kv"):
     are where the prompt enters the UNet: editing them changes what a prompt means, not what it can draw."""
     parts = {"kv": ("to_k.weight", "to_v.weight"),
              "attn2": ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")}
+    if which == "unet":   # everything: what the UNet can draw, not only what prompts mean (adversarial.py)
+        return [n for n, _ in unet.named_parameters()]
     if which not in parts:
-        raise ValueError(f"unknown trainable set {which!r}: choose 'kv' or 'attn2'")
+        raise ValueError(f"unknown trainable set {which!r}: choose 'kv', 'attn2' or 'unet'")
     return [f"{name}.{p}" for name, _ in unet.cross_attentions() for p in parts[which]]
 
 
@@ -217,10 +224,12 @@ def layer_mean_mse(xs, ys):
 def prior_preservation_loss(eps_theta, noise):
     """Abstract: "a prior-preservation loss that safeguards knowledge related to non-target concepts".
 
-        L_pr = || eps_theta(x_t, t, c^r) - eps ||^2,      x_0 in X^r (and X^a with c^a)
+        L_pr = || eps_theta(x_t, t, c_m) - eps ||^2,      x_0 in X^m, phi_0's images of the memory M
 
-    The plain diffusion loss on images of the related concepts (the nearest ones, which erode
-    first) and of the anchor, as DreamBooth's prior preservation (Ruiz et al. 2023)."""
+    The plain diffusion loss (DreamBooth's prior preservation, Ruiz et al. 2023) on a memory bank of
+    images of the concepts kept, as the paper is described (prior="memory", the default: it measured
+    better over 12 requests than our first choice, prior="related": the related concepts' images
+    and the anchor's, X^r and X^a with c^a; README, "The paper's DUGE and ours")."""
     return F.mse_loss(eps_theta, noise)
 
 
@@ -270,7 +279,8 @@ def with_noise(batch, generator):
 def losses(unet, ref, params, batch, cfg):
     """All three losses from two UNet calls: theta on every group (attn2 recorded), the frozen reference
     (phi_0 or phi_n) on those it supervises. batch: x_a, c_target, c_anchor (anchor images with target /
-    anchor prompts), x_r, c_r (L_pr's), x_m, c_m (memory; absent for the l2 R_pr), eps_*, t_* (with_noise)."""
+    anchor prompts), x_r, c_r (L_pr's), x_m, c_m (memory; absent for the l2 R_pr), eps_*, t_* (with_noise),
+    c_adv (the robust variant's attacker context: theta also runs on the anchor group under it)."""
     groups = [g for g in "arm" if f"x_{g}" in batch]
     sizes = [len(batch[f"x_{g}"]) for g in groups]
     noise, t = (torch.cat([batch[f"{k}_{g}"] for g in groups]) for k in ("eps", "t"))
@@ -280,8 +290,11 @@ def losses(unet, ref, params, batch, cfg):
     sup = [g for g in "am" if g in groups]                                      # what the reference supervises
     c_sup = {"a": batch["c_anchor"], "m": batch.get("c_m")}
 
-    with AttentionRecorder(unet, cfg.attention) as rec_theta:
-        e = split(unet(xt, t, torch.cat([batch["c_target"]] + [batch[f"c_{g}"] for g in groups[1:]])), groups)
+    adv, ctx = "c_adv" in batch, [batch["c_target"]] + [batch[f"c_{g}"] for g in groups[1:]]
+    with AttentionRecorder(unet, cfg.attention) as rec_theta:   # (+ the anchor group under the attacker's context)
+        e = (unet(torch.cat([xt, xt_["a"]]), torch.cat([t, t_["a"]]), torch.cat(ctx + [batch["c_adv"]])) if adv
+             else unet(xt, t, torch.cat(ctx)))
+    e, e_adv = split(e[:len(xt)], groups), e[len(xt):]
     with AttentionRecorder(unet, cfg.attention) as rec_ref:
         p = split(ref(*(torch.cat([d[g] for g in sup]) for d in (xt_, t_, c_sup))), sup)
     attn_theta = [a[:sizes[0]] for a in rec_theta.outputs]                      # the anchor group's A^l
@@ -293,7 +306,11 @@ def losses(unet, ref, params, batch, cfg):
     r_pr = (parameter_loss(params, ref.tensors) if cfg.regulariser == "l2" else
             regularization_loss(e["m"], p["m"], params, ref.tensors, cfg.gamma))
     total = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr
-    return total, {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
+    logs = {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
+    if adv:   # adversarial.py: under the attacker's best context, denoise as phi_0 does under the anchor
+        l_adv = F.mse_loss(e_adv, p["a"])
+        total, logs["L_adv"] = total + cfg.lambda_adv * l_adv, l_adv.item()
+    return total, logs
 
 
 # -----------------------------------------------------------------------------------------------
@@ -306,11 +323,12 @@ def draw(data, n, generator):
 
 
 def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, optimizer_state=None,
-            on_step=None, loss_fn=None, projection=None):
+            on_step=None, loss_fn=None, projection=None, adversary=None):
     """Train theta for cfg.steps on the three losses; -> per-step loss history. `data`: precomputed latents
     and contexts, data["anchor"] = {"x", "c_target", "c_anchor"}, data["related"|"memory"] = {"x", "c"}.
     on_step(step, logs, optimizer) runs after every step (train.py's resume point). loss_fn (default:
-    `losses`) and projection (baselines.GradientProjection) run the baselines and CUIG's add-on in this loop."""
+    `losses`) and projection (baselines.GradientProjection) run the baselines and CUIG's add-on in this loop;
+    adversary(unet, step) -> the attacker's context for this step (adversarial.ContextAdversary)."""
     loss_fn = loss_fn or losses
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())
@@ -336,6 +354,8 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                     d = draw(data[k], cfg.batch, g)
                     batch |= {f"x_{s}": d["x"], f"c_{s}": d["c"]}
             batch = with_noise(batch, g)
+            if adversary is not None:
+                batch["c_adv"] = adversary(unet, step).expand(cfg.batch, -1, -1)
             opt.zero_grad(set_to_none=True)
             logs, mb = {}, min(cfg.micro_batch or cfg.batch, -(-cfg.batch // distributed.size()))
             for j in distributed.shard(range(0, cfg.batch, mb)):  # each loss is a mean: the micro-batches'

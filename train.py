@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import adversarial
 import baselines
 import checkpoint
 import concepts
@@ -73,9 +74,11 @@ def forgotten(ledger):
 
 
 def fingerprint(model, phi0):
-    """Names the cache folder of phi_0's images: a hash of phi_0's tensors and of one other."""
+    """Names the cache folder of phi_0's images: a hash of phi_0's cross-attention tensors and of one other
+    (conv_in: phi_0's if a request trained it, as --trainable unet does)."""
     h = hashlib.sha1()
-    for k, v in sorted(phi0.tensors.items()) + [("conv_in", model.unet.input_blocks[0][0].weight)]:
+    own = [(k, v) for k, v in sorted(phi0.tensors.items()) if ".attn2." in k]
+    for k, v in own + [("conv_in", phi0.tensors.get("input_blocks.0.0.weight", model.unet.input_blocks[0][0].weight))]:
         h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -96,22 +99,24 @@ def trained_tensors(unet, names):
     return {f"theta.{n}": named[n].detach().cpu().contiguous() for n in names}
 
 
-def load_phi0(model, ledger, args):
-    """phi_0's cross-attention tensors: the model itself before any request; afterwards, the copy
-    carried in the last delta file (or the --base model)."""
-    names = duge.trainable_names(model.unet, "attn2")
+def load_phi0(model, ledger, args, names=()):
+    """phi_0's values of the cross-attention tensors, of `names` (this request's trained set) and of
+    every tensor an earlier request trained: the model itself before any request; afterwards the
+    copy carried in the last delta file (or the --base model). A tensor no request trained yet
+    still holds phi_0's value in the model."""
     named = dict(model.unet.named_parameters())
+    want = set(duge.trainable_names(model.unet, "attn2")) | set(names)
     if args.base:
         base = dict(checkpoint.load(args.base).unet.named_parameters())
-        return duge.Original(model.unet, {n: base[n].to(named[n]) for n in names})
-    if not ledger["steps"]:
-        return duge.Original(model.unet, {n: named[n] for n in names})
-    delta = Path(model.source).resolve().parent / ledger["steps"][-1]["delta"]
-    if not delta.exists():
-        raise UserError(f"the original model's tensors should be in {delta}, which is missing; "
-                        "pass --base ORIGINAL_MODEL")
-    d = load_file(str(delta))
-    return duge.Original(model.unet, {n: d[f"phi0.{n}"].to(named[n]) for n in names})
+        return duge.Original(model.unet, {n: base[n].to(named[n]) for n in sorted(want)})
+    carried = {}
+    if ledger["steps"]:
+        delta = Path(model.source).resolve().parent / ledger["steps"][-1]["delta"]
+        if not delta.exists():
+            raise UserError(f"the original model's tensors should be in {delta}, which is missing; "
+                            "pass --base ORIGINAL_MODEL")
+        carried = {k.removeprefix("phi0."): v for k, v in load_file(str(delta)).items() if k.startswith("phi0.")}
+    return duge.Original(model.unet, {n: carried.get(n, named[n]).to(named[n]) for n in sorted(want | set(carried))})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -128,7 +133,8 @@ def prepare(model, ref, world, plan, cfg, args, folder):
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(cfg.memory, exclude=plan.exclude)
     duge_ = cfg.method == "duge"
     todo = {"anchor": targets if cfg.method == "esd" else anchors,
-            "related": related if duge_ and cfg.prior == "related" else [], "memory": memory if duge_ else []}
+            "related": related if duge_ and cfg.prior == "related" else [], "memory": memory if duge_ else [],
+            "concept": [p for p in targets[-cfg.num_prompts:]] if duge_ and cfg.adversarial else []}
     k = cfg.images_per_prompt
     who = "phi_0" if ref_is_phi0(cfg) else "reference"
     with ref.applied():  # x_0 drawn by the frozen reference (phi_0; phi_n for a baseline), cached per prompt
@@ -145,6 +151,8 @@ def prepare(model, ref, world, plan, cfg, args, folder):
         data["related"] = bank
     if duge_ and cfg.regulariser == "distil":
         data["memory"] = bank
+    if todo["concept"]:                    # the robust variant's attacker learns on the concept's own images
+        data["concept"] = {"x": xs["concept"], "c": sample.encode_prompts(model, [""])}
     return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
 
 
@@ -209,8 +217,8 @@ def run_request(model, world, concept, cfg, args, out):
         t = time.time()
         yield
         phases[name] = phases.get(name, 0) + time.time() - t
-    phi0 = load_phi0(model, ledger, args)
     names = duge.trainable_names(model.unet, cfg.trainable)
+    phi0 = load_phi0(model, ledger, args, names)
     phi_prev = duge.Original(model.unet, {n: p for n, p in model.unet.named_parameters() if n in names})  # as it came
     ref = phi0 if ref_is_phi0(cfg) else phi_prev  # a baseline's (or the paper's) reference: the request's start
     folder = Path(args.cache) / fingerprint(model, ref)
@@ -276,11 +284,11 @@ def run_request(model, world, concept, cfg, args, out):
 def train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths):
     """The training loop of a request, with its resume point (tensors, optimizer): written every 50
     steps, at the end of training and on Ctrl-C / SIGTERM. -> (loss history, last logs)"""
-    start, opt_state, last = 0, None, {}
+    start, opt_state, last, extra = 0, None, {}, {}
     if args.resume and not paths["resume"].exists():
         print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
     elif args.resume:
-        start, opt_state, last = load_resume(paths["resume"], model.unet, concept)
+        start, opt_state, last, extra = load_resume(paths["resume"], model.unet, concept)
         print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
     loss_fn = None if cfg.method == "duge" else functools.partial(baselines.LOSSES[cfg.method], original=phi0.tensors)
     projection = None
@@ -288,26 +296,32 @@ def train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths):
         basis = baselines.protected_subspace(baselines.concept_embeddings(model, plan.memory))
         named = dict(model.unet.named_parameters())
         projection = baselines.GradientProjection({n: named[n] for n in names}, basis)
+    adversary = None
+    if cfg.adversarial:  # the robust variant: its context is part of the resume point
+        adversary = adversarial.ContextAdversary(data["concept"]["x"], data["concept"]["c"], cfg.adversarial,
+                                                 cfg.batch, cfg.seed)
+        adversary.load(extra)
 
     with stop_between_steps() as asked:
         def on_step(step, logs, opt):
             done, stop = step + 1, distributed.any_rank(asked)  # torchrun: every rank stops at the same step
             if (stop or done % 50 == 0 or done == cfg.steps) and distributed.is_main():
-                save_resume(paths["resume"], model.unet, names, opt, concept, done, logs)
+                save_resume(paths["resume"], model.unet, names, opt, concept, done, logs,
+                            adversary.state() if adversary else {})
             if stop:
                 raise KeyboardInterrupt(f"stopped after step {done} of {cfg.steps} of '{concept}'; rerun the "
                                         f"same command with --resume to continue from step {done}")
         try:
             history = duge.unlearn(model.unet, ref, data, cfg, start_step=start, optimizer_state=opt_state,
-                                   on_step=on_step, loss_fn=loss_fn, projection=projection)
+                                   on_step=on_step, loss_fn=loss_fn, projection=projection, adversary=adversary)
         except FloatingPointError as e:
             raise UserError(str(e)) from None
     return history, last
 
 
-def save_resume(path, unet, names, opt, concept, step, logs):
+def save_resume(path, unet, names, opt, concept, step, logs, extra):
     meta = {"concept": concept, "step": str(step), "losses": json.dumps(logs)}
-    checkpoint.save_training_state(path, trained_tensors(unet, names), opt, meta)
+    checkpoint.save_training_state(path, trained_tensors(unet, names) | extra, opt, meta)
 
 
 def load_resume(path, unet, concept):
@@ -315,8 +329,10 @@ def load_resume(path, unet, concept):
     if meta["concept"] != concept:
         raise UserError(f"{path} is a resume point for '{meta['concept']}', not '{concept}'; delete it or drop "
                         "--resume")
-    unet.load_state_dict({k.removeprefix("theta."): v for k, v in tensors.items()}, strict=False)  # copies them in
-    return int(meta["step"]), opt_state, json.loads(meta["losses"])
+    unet.load_state_dict({k.removeprefix("theta."): v for k, v in tensors.items() if k.startswith("theta.")},
+                         strict=False)  # copies them in
+    extra = {k: v for k, v in tensors.items() if not k.startswith("theta.")}   # the adversary's context
+    return int(meta["step"]), opt_state, json.loads(meta["losses"]), extra
 
 
 # -----------------------------------------------------------------------------------------------
@@ -336,7 +352,9 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": 
                "recipe": "DUGE as reconstructed here (ours) or as the paper is described (paper): sets the five below and --no-replay",
                "reference": "frozen model of L_U and R_pr: phi0 (original) or phin (the request's start)",
                "target": "L_U's target: the anchor prompt or uncond (empty)", "attention": "L_U on attn2 outputs or maps",
-               "prior": "L_pr's images: related (+anchor) or memory", "regulariser": "R_pr: distil (memory) or l2 "
+               "prior": "L_pr's images: the memory bank's or related (+anchor)",
+               "adversarial": "robust variant: context-inversion steps against theta per training step (0: off; "
+               "adversarial.py)", "lambda_adv": "weight of L_adv (the robust variant's term)", "regulariser": "R_pr: distil (memory) or l2 "
                "(parameters)"}
 
 

@@ -3,7 +3,7 @@ ablations and the baselines, and what each model still knows after every step.
 
     python -m experiments.benchmark                                     # 12 styles; DUGE and the baselines
     python -m experiments.benchmark --methods duge,duge-no-reg,duge-no-pr,duge-no-replay,duge+gp
-    python -m experiments.benchmark --methods duge,duge-paper,duge+phin,duge+uncond,duge+maps,duge-no-replay,duge+memory-prior,duge+l2 --docs docs/recipes
+    python -m experiments.benchmark --methods duge,duge+related-prior,duge-paper,duge+phin,duge+uncond,duge+maps,duge-related-no-replay,duge+l2 --docs docs/recipes
     python -m experiments.benchmark --sequence mixed --out out/bench-mixed --docs out/bench-mixed
 
 CUIG's protocol (Lee et al., ICLR 2026): 12 requests of one kind (12 of the 20 styles; in-domain =
@@ -37,11 +37,18 @@ VARIANTS = {
     "duge+gp": ["--gp"],                           # CUIG's gradient projection on top
     "duge-paper": ["--recipe", "paper"],           # DUGE as the paper is described (duge.RECIPES)
     "duge-paper-cal": ["--recipe", "paper"],       # the same, its strength chosen as the baselines' (--calibrate)
-    "duge+phin": ["--reference", "phin"],          # each of the paper's departures alone, on ours
-    "duge+uncond": ["--target", "uncond"],
-    "duge+maps": ["--attention", "maps"],
-    "duge+memory-prior": ["--prior", "memory"],
-    "duge+l2": ["--regulariser", "l2"],
+    # each of the paper's departures alone on our first reconstruction (L_pr on the related concepts'
+    # images), the default when they were measured; its fifth, L_pr on the memory bank, is now the default
+    "duge+related-prior": ["--prior", "related"],
+    "duge+phin": ["--prior", "related", "--reference", "phin"],
+    "duge+uncond": ["--prior", "related", "--target", "uncond"],
+    "duge+maps": ["--prior", "related", "--attention", "maps"],
+    "duge+l2": ["--prior", "related", "--regulariser", "l2"],
+    "duge-related-no-replay": ["--prior", "related", "--no-replay"],
+    # the robust variant (adversarial.py): an attacker's context unlearned too, the whole UNet trained
+    "duge+robust": ["--trainable", "unet", "--adversarial", "5"],
+    "duge+robust-lr3e-4": ["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"],
+    "duge+robust-attn2": ["--trainable", "attn2", "--adversarial", "5"],   # the same attack, attn2 only
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],

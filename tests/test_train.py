@@ -116,6 +116,41 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert [s["concept"] for s in ledger["steps"]] == ["van gogh"]
 
 
+def test_robust_variant_trains_the_whole_unet_resumes_exactly_and_carries_phi0(tmp_path, monkeypatch):
+    """--trainable unet --adversarial K: tensors beyond cross-attention move; an interruption after the
+    step-50 resume point resumes to the same tensors (the attacker's context is in the resume point);
+    the delta carries phi_0's value of every UNet tensor, and a later default request still does."""
+    import train
+    from safetensors.torch import load_file
+    w = tiny_sd(tmp_path / "m.safetensors")
+    args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "60", "--trainable", "unet",
+            "--adversarial", "2", "--cache", str(tmp_path / "cache")]
+    full_path = tmp_path / "full.safetensors"
+    assert train.main(args + ["--out", str(full_path)]) == 0
+    save = train.save_resume
+    def save_then_interrupt(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
+    out = tmp_path / "cut.safetensors"
+    assert train.main(args + ["--out", str(out)]) == 130
+    monkeypatch.setattr(train, "save_resume", save)
+    assert train.main(args + ["--out", str(out), "--resume"]) == 0
+    base, full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (w, full_path, out))
+    assert all(torch.equal(full[n], cut[n]) for n in full)
+    changed = {n for n in base if not torch.equal(base[n], full[n])}
+    assert any(".attn2." not in n for n in changed) and any(".attn2.to_k." in n for n in changed)
+    ledger = json.loads(checkpoint.load(full_path).meta["duge.ledger"])
+    assert "L_adv" in ledger["steps"][0]["metrics"]["final_losses"]
+
+    assert train.main(["--forget", "apple", "--weights", str(full_path), *FAST, "--out",
+                       str(tmp_path / "next.safetensors"), "--cache", str(tmp_path / "cache")]) == 0
+    for name in ("full", "next"):
+        delta = load_file(str(tmp_path / f"{name}.delta.safetensors"))
+        phi0 = {k.removeprefix("phi0."): v for k, v in delta.items() if k.startswith("phi0.")}
+        assert phi0.keys() == base.keys() and all(torch.equal(phi0[n], base[n]) for n in base), name
+
+
 @pytest.mark.slow
 def test_real_sd_path_full_size(tmp_path):
     """A full-size SD v1 file (random weights, official layout) through train.py at a small

@@ -1,0 +1,59 @@
+"""DUGE's robust variant: adversarial unlearning against context inversion (`train.py --adversarial K`).
+
+The probes (probe.py) find that after DUGE, as after every method here, a context learned directly
+(the cross-attention input, the text encoder bypassed) draws the forgotten concept again: editing
+what prompts mean leaves what the UNet can draw. AdvUnlearn (Zhang et al., NeurIPS 2024) answers an
+attack with a min-max: an inner loop finds the input that best restores the concept on the CURRENT
+model, and the outer loop unlearns that input too. Here the inner loop is the probe's own attack:
+
+    c_adv = argmin_c || eps - eps_theta(x_t, t, c) ||^2,                x_0 in X*, phi_0's images of the concept
+    L_adv = || eps_theta(x_t, t, c_adv) - sg eps_phi0(x_t, t, c^a) ||^2,  x_0 in X^a, L_U's anchor images
+
+    L = L_U + lambda_pr L_pr + lambda_reg R_pr + lambda_adv L_adv        (duge.losses)
+
+so under the attacker's best context theta must denoise as the original does under the anchor
+prompt. The context starts where the probe's does (the empty prompt's), takes WARMUP Adam steps
+before the first training step, then K more on the current theta before every training step
+(warm-started, as AdvUnlearn does). Only the concept of the request is attacked; the earlier ones
+are kept by L_U's replay as before. A wider trainable set (`--trainable unet`) gives the outer loop
+more than keys and values to move: with keys and values alone a learned context can reach any
+keys and values of the toy model's first level (its 128 x 128 [W_k; W_v] is square).
+"""
+import torch
+import torch.nn.functional as F
+
+from sample import NUM_TRAIN_TIMESTEPS, add_noise
+
+WARMUP = 100   # inner steps before the first training step (the probe's attack takes 300 from scratch)
+LR = 5e-3      # Adam on the context, as the probe's inversion
+
+
+class ContextAdversary:
+    """The inner loop's state: the attacker's context (1, 77, D) and the concept images it learns on."""
+
+    def __init__(self, latents, start, steps, batch, seed=0):
+        self.x, self.ctx = latents, start.detach().clone()
+        self.steps, self.batch, self.seed = steps, batch, seed
+        self.fresh = True   # False once warmed up, or restored from a resume point
+
+    def __call__(self, unet, step):
+        """Inner steps on the current theta (gradients to the context only) -> c_adv, detached."""
+        ctx = self.ctx.clone().requires_grad_(True)
+        opt = torch.optim.Adam([ctx], lr=LR)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + step + 50_000)  # the step alone: exact resume
+        for _ in range(WARMUP if self.fresh else self.steps):
+            idx = torch.randint(0, len(self.x), (self.batch,), generator=g)
+            noise = torch.randn(self.x[idx].shape, generator=g).to(self.x)
+            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (self.batch,), generator=g).to(self.x.device)
+            loss = F.mse_loss(unet(add_noise(self.x[idx], noise, t), t, ctx.expand(self.batch, -1, -1)), noise)
+            ctx.grad, = torch.autograd.grad(loss, [ctx])
+            opt.step()
+        self.ctx, self.fresh = ctx.detach(), False
+        return self.ctx
+
+    def state(self):
+        return {"adversary.context": self.ctx.cpu().contiguous()}
+
+    def load(self, state):
+        if "adversary.context" in state:
+            self.ctx, self.fresh = state["adversary.context"].to(self.x), False
