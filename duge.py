@@ -112,7 +112,7 @@ PRESETS = {"toy": DugeConfig(steps=100), "sd": DugeConfig(lr=1e-5, micro_batch=2
 class Recipe:
     unlearn: list             # (concept, anchor) pairs for L_U: this request, and every earlier one
     related: list             # R_k: the concepts nearest this one, which erode first (in the memory)
-    memory: list              # the concepts whose prompts fill M for R_pr (generic prompts come on top)
+    memory: list              # the concepts of M: R_pr's prompts, L_pr's images (generic prompts come on top)
     exclude: list             # every forgotten concept: never in a prompt we keep
 
 

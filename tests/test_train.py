@@ -319,13 +319,19 @@ def test_help_shows_defaults():
         assert expected in text, expected
 
 
-def test_every_long_phase_shows_a_progress_bar(tmp_path):
+@pytest.mark.parametrize("flags,groups", [((), ("anchor", "memory")),
+                                          (("--prior", "related"), ("anchor", "related", "memory")),
+                                          (("--adversarial", "1"), ("anchor", "memory", "concept"))])
+def test_every_long_phase_shows_a_progress_bar(tmp_path, flags, groups):
+    """phi_0 draws the images of the groups the recipe uses, and only those, each with its bar."""
     w = tiny_sd(tmp_path / "m.safetensors")
-    r = run("--forget", "van gogh", "--weights", str(w), "--out", str(tmp_path / "o.safetensors"), *FAST, cwd=tmp_path)
+    r = run("--forget", "van gogh", "--weights", str(w), "--out", str(tmp_path / "o.safetensors"), *FAST, *flags,
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for bar in ("phi_0 images: anchor", "phi_0 images: related", "phi_0 images: memory", "unlearning",
-                "before/after grid"):
+    for bar in [f"phi_0 images: {g}" for g in groups] + ["unlearning", "before/after grid"]:
         assert f"{bar}: 100%" in r.stderr, bar
+    drawn = {g for g in ("anchor", "related", "memory", "concept") if f"phi_0 images: {g}" in r.stderr}
+    assert drawn == set(groups)
 
 
 @pytest.mark.parametrize("method,changed", [("esd", ("to_q", "to_k", "to_v", "to_out")), ("ca", ("to_k", "to_v")),
