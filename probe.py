@@ -230,11 +230,13 @@ def clip_scorer(clip, world):
     return recognised
 
 
-def run(model, base, world, gone, probes, cfg, recognised, base_results=None):
+def run(model, base, world, gone, probes, cfg, recognised, base_results=None, forgotten=()):
     """-> {concept: {probe: {"model": fraction, "base": fraction}}}. `base` is a context manager
     that swaps the base model in; base_results ("concept|probe" -> fraction) keeps the base model's
-    results across calls (the same original under several unlearned models)."""
+    results across calls (the same original under several unlearned models). Relearning trains on
+    concepts neither probed nor in `forgotten` (the ledger's): retained ones only."""
     out, base_results = {}, {} if base_results is None else base_results
+    exclude = list(dict.fromkeys([*gone, *forgotten]))
     for concept in gone:
         kind = world.kind(concept)
         with base():   # the attacker's images of the concept: the base model's, from its own prompts
@@ -242,16 +244,17 @@ def run(model, base, world, gone, probes, cfg, recognised, base_results=None):
                                       guidance=model.guidance, seed=cfg.seed + 1, decode=False)
         out[concept] = {}
         for name in probes:
-            row = {}
+            row, others = {}, sorted(set(exclude) - {concept})
+            key = f"{concept}|{name}" + (f"|without {','.join(others)}" if name == "relearn" and others else "")
             for who, ctx in (("model", nullcontext), ("base", base)):
-                if who == "base" and f"{concept}|{name}" in base_results:
-                    row[who] = base_results[f"{concept}|{name}"]
+                if who == "base" and key in base_results:
+                    row[who] = base_results[key]
                     continue
                 with ctx():
-                    images, _ = probe_images(name, model, world, concept, latents, cfg, gone)
+                    images, _ = probe_images(name, model, world, concept, latents, cfg, exclude)
                     hits = recognised(images, concept, kind)
                 row[who] = sum(hits) / len(hits)
-            base_results[f"{concept}|{name}"] = row["base"]
+            base_results[key] = row["base"]
             out[concept][name] = row
             print(f"  {concept}, {name}: recognised {100 * row['model']:.0f}% (base model {100 * row['base']:.0f}%)",
                   file=sys.stderr)
@@ -304,7 +307,7 @@ def main(argv=None):
             from clip_vision import load_clip
             recognised = clip_scorer(load_clip(args.clip, device=sample.pick_device(args.device)), world)
         out = Path(args.out) if args.out else Path(str(args.weights).removesuffix(".safetensors") + ".probe")
-        results = run(model, phi0.applied, world, gone, probes, cfg, recognised)
+        results = run(model, phi0.applied, world, gone, probes, cfg, recognised, forgotten=train.forgotten(ledger))
     except (train.UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

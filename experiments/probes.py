@@ -45,7 +45,7 @@ def probe_method(method, path, concepts, probes, cfg, recognised, base_results, 
                               f"{', '.join(train.forgotten(ledger))})")
     phi0 = train.load_phi0(model, ledger, argparse.Namespace(base=None))
     results = probe.run(model, phi0.applied, train.concept_source(model, 0), concepts, todo, cfg, recognised,
-                        base_results)
+                        base_results, forgotten=train.forgotten(ledger))
     results = {c: {**done.get(c, {}), **results[c]} for c in concepts}
     with checkpoint.atomic_path(keep) as tmp:
         tmp.write_text(json.dumps(results, indent=1))

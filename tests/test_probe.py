@@ -95,6 +95,21 @@ def test_run_scores_the_model_and_the_base(tiny):
     assert "| van gogh | paraphrase | 0% | 100% |" in probe.table(out)
 
 
+def test_relearning_trains_on_retained_concepts_only(tiny, monkeypatch):
+    """After several requests, relearning fine-tunes on concepts neither probed nor forgotten earlier,
+    and the base model's relearning result is kept apart from one learned on other concepts."""
+    world, seen = concepts.SDConcepts(), []
+    cfg = probe.ProbeConfig(n=2, relearn_steps=1, batch=2, steps=2)
+    real = probe.relearn
+    monkeypatch.setattr(probe, "relearn", lambda model, w, c, exclude, *a: seen.append(list(exclude)) or real(
+        model, w, c, exclude, *a))
+    keep = {}
+    probe.run(tiny, contextmanager(lambda: (yield)), world, ["van gogh"], ["relearn"], cfg,
+              lambda images, c, kind: [False] * len(images), keep, forgotten=["van gogh", "monet", "picasso"])
+    assert seen == [["van gogh", "monet", "picasso"]] * 2          # the model's run and the base model's
+    assert list(keep) == ["van gogh|relearn|without monet,picasso"]
+
+
 def test_benchmark_probe_table_and_figure(tmp_path):
     """experiments/probes.py's outputs from known results: one row per concept and probe, every
     method's recognition and the base model's once; the figure is written."""
