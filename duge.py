@@ -46,6 +46,7 @@ class DugeConfig:
     """Every default of a request (PRESETS: the toy's and real SD's); train.py's flags override fields."""
     steps: int = 200
     lr: float = 1e-3          # AdamW on the trainable tensors
+    lr_rest: float = 0.0      # ...but this one on those outside the attn2 keys and values (0: lr)
     batch: int = 8            # images per group (anchor / related / memory) in each step
     lambda_pr: float = 2.0    # weight of the prior-preservation loss L_pr (toy-world tuned, README)
     lambda_reg: float = 1.0   # weight of the memory regulariser R_pr
@@ -81,8 +82,8 @@ class DugeConfig:
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
         for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
-                          ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("num_related", 0), ("memory", 0),
-                          ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0),
+                          ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("lr_rest", 0), ("num_related", 0),
+                          ("memory", 0), ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0),
                           ("adversarial", 0), ("lambda_adv", 0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
@@ -334,7 +335,10 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
     named = dict(unet.named_parameters())
     unet.requires_grad_(False)
     params = {n: named[n].requires_grad_(True) for n in names}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    rest = set(params) - set(trainable_names(unet, "kv")) if cfg.lr_rest else set()   # --lr-rest's tensors
+    groups = [{"params": [p for n, p in params.items() if (n in rest) == r], "lr": cfg.lr_rest if r else cfg.lr}
+              for r in (False, True)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     g, history = torch.Generator(), []

@@ -338,7 +338,8 @@ def load_resume(path, unet, concept):
 # -----------------------------------------------------------------------------------------------
 # Command line
 
-CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "batch": "images per loss group per step",
+CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "lr_rest": "learning rate of the trained "
+               "tensors outside attn2 keys and values (0: --lr)", "batch": "images per loss group per step",
                "lambda_pr": "weight of L_pr", "lambda_reg": "weight of R_pr", "gamma": "L2 pull to the original",
                "trainable": "trained tensors", "num_related": "related concepts protected by L_pr",
                "num_prompts": "prompts per concept", "images_per_prompt": "images per prompt",

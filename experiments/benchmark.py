@@ -49,6 +49,7 @@ VARIANTS = {
     "duge+robust": ["--trainable", "unet", "--adversarial", "5"],
     "duge+robust-lr3e-4": ["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"],
     "duge+robust-attn2": ["--trainable", "attn2", "--adversarial", "5"],   # the same attack, attn2 only
+    "duge+robust-lr-rest": ["--trainable", "unet", "--adversarial", "5", "--lr-rest", "1e-4"],
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],

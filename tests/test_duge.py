@@ -417,3 +417,21 @@ def test_whole_unet_trainable_set():
     assert duge.trainable_names(u, "unet") == [n for n, _ in u.named_parameters()]
     with pytest.raises(ValueError, match="adversarial"):
         duge.DugeConfig(adversarial=-1)
+
+
+def test_lr_rest_moves_the_tensors_outside_keys_and_values_at_their_own_rate():
+    """AdamW's first step moves every entry by about its learning rate: keys and values by --lr,
+    the other trained tensors by --lr-rest."""
+    u = tiny_unet()
+    named = dict(u.named_parameters())
+    start = {n: p.detach().clone() for n, p in named.items()}
+    phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "unet")})
+    b = make_batch(n=4, seed=3)
+    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
+            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    duge.unlearn(u, phi0, data, duge.DugeConfig(steps=1, lr=1e-3, lr_rest=1e-4, batch=4, trainable="unet"),
+                 progress=False)
+    kv = set(duge.trainable_names(u, "kv"))
+    moved = {n: (named[n] - start[n]).abs().max().item() for n in named}
+    assert max(moved[n] for n in kv) == pytest.approx(1e-3, rel=1e-2)
+    assert max(moved[n] for n in named if n not in kv) == pytest.approx(1e-4, rel=1e-2)
