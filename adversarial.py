@@ -15,9 +15,11 @@ so under the attacker's best context theta must denoise as the original does und
 prompt. The context starts where the probe's does (the empty prompt's), takes WARMUP Adam steps
 before the first training step, then K more on the current theta before every training step
 (warm-started, as AdvUnlearn does). Only the concept of the request is attacked; the earlier ones
-are kept by L_U's replay as before. A wider trainable set (`--trainable unet`) gives the outer loop
-more than keys and values to move: with keys and values alone a learned context can reach any
-keys and values of the toy model's first level (its 128 x 128 [W_k; W_v] is square).
+are kept by L_U's replay as before. A wider trainable set (`--trainable attn2`, or `unet` with
+`--lr-rest` for the tensors outside keys and values) gives the outer loop more than keys and values
+to move: with those alone a learned context can reach any keys and values of the toy model's first
+level (its 128 x 128 [W_k; W_v] is square). What each setting leaks and costs: README, "Is it
+really gone?".
 """
 import torch
 import torch.nn.functional as F

@@ -50,6 +50,13 @@ VARIANTS = {
     "duge+robust-lr3e-4": ["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"],
     "duge+robust-attn2": ["--trainable", "attn2", "--adversarial", "5"],   # the same attack, attn2 only
     "duge+robust-lr-rest": ["--trainable", "unet", "--adversarial", "5", "--lr-rest", "1e-4"],
+    "duge+robust-attn2-adv3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "3"],
+    "duge+robust-attn2-adv3-reg3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "3",
+                                    "--lambda-reg", "3"],
+    "duge+robust-attn2-adv5-reg3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
+                                    "--lambda-reg", "3"],
+    "duge+robust-attn2-adv5-reg5": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
+                                    "--lambda-reg", "5"],
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],
