@@ -78,13 +78,14 @@ class DugeConfig:
     # the robust variant (adversarial.py): context-inversion steps against theta per training step (0: off)
     adversarial: int = 0
     lambda_adv: float = 1.0   # weight of L_adv, theta under the attacker's context vs phi_0 under the anchor
+    completion: float = 0.0   # weight of its L_comp: the concept's noised images, no prompt (adversarial.py)
 
     def __post_init__(self):
         """Refuse settings that would train nothing, or nonsense, in one line."""
         for name, low in (("steps", 1), ("batch", 1), ("num_prompts", 1), ("images_per_prompt", 1), ("lr", None),
                           ("lambda_pr", 0), ("lambda_reg", 0), ("gamma", 0), ("lr_rest", 0), ("num_related", 0),
                           ("memory", 0), ("micro_batch", 0), ("esd_eta", 0), ("uce_lambda", 0), ("uce_preserve", 0),
-                          ("adversarial", 0), ("lambda_adv", 0)):
+                          ("adversarial", 0), ("lambda_adv", 0), ("completion", 0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and (v > 0 if low is None else v >= low)):
                 raise ValueError(f"{name} {v}: must be {'at least ' + str(low) if low is not None else 'positive'}")
@@ -373,6 +374,10 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                                              "lower --lr or use --dtype fp32")
                 (w * loss).backward()
                 logs = {k: logs.get(k, 0.0) + w * v for k, v in part_logs.items()}
+            if adversary is not None and cfg.completion > 0:   # one batch per step (each rank its share)
+                l_comp = adversary.completion(unet, phi0, step) / distributed.size()
+                (cfg.completion * l_comp).backward()
+                logs["L_comp"] = l_comp.item()
             distributed.sum_gradients(params.values())
             logs = distributed.sum_logs(logs)
             if projection is not None:

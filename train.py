@@ -152,7 +152,8 @@ def prepare(model, ref, world, plan, cfg, args, folder):
     if duge_ and cfg.regulariser == "distil":
         data["memory"] = bank
     if todo["concept"]:                    # the robust variant's attacker learns on the concept's own images
-        data["concept"] = {"x": xs["concept"], "c": sample.encode_prompts(model, [""])}
+        data["concept"] = {"x": xs["concept"], "c": sample.encode_prompts(model, [""]),
+                           "c_anchor": enc(anchors[-cfg.num_prompts:])}
     return {g: {n: v.to(next(model.unet.parameters()).device) for n, v in d.items()} for g, d in data.items()}
 
 
@@ -299,7 +300,7 @@ def train_steps(model, ref, phi0, data, plan, cfg, args, concept, names, paths):
     adversary = None
     if cfg.adversarial:  # the robust variant: its context is part of the resume point
         adversary = adversarial.ContextAdversary(data["concept"]["x"], data["concept"]["c"], cfg.adversarial,
-                                                 cfg.batch, cfg.seed)
+                                                 cfg.batch, cfg.seed, data["concept"]["c_anchor"], model.guidance)
         adversary.load(extra)
 
     with stop_between_steps() as asked:
@@ -355,7 +356,8 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "lr_rest"
                "target": "L_U's target: the anchor prompt or uncond (empty)", "attention": "L_U on attn2 outputs or maps",
                "prior": "L_pr's images: the memory bank's or related (+anchor)",
                "adversarial": "robust variant: context-inversion steps against theta per training step (0: off; "
-               "adversarial.py)", "lambda_adv": "weight of L_adv (the robust variant's term)", "regulariser": "R_pr: distil (memory) or l2 "
+               "adversarial.py)", "lambda_adv": "weight of L_adv (the robust variant's term)",
+               "completion": "weight of L_comp (robust variant, with --adversarial: no prompt on the concept's images)", "regulariser": "R_pr: distil (memory) or l2 "
                "(parameters)"}
 
 

@@ -57,6 +57,8 @@ VARIANTS = {
                                     "--lambda-reg", "3"],
     "duge+robust-attn2-adv5-reg5": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
                                     "--lambda-reg", "5"],
+    "duge+robust-attn2-adv5-reg5-comp": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
+                                         "--lambda-reg", "5", "--completion", "1"],
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],

@@ -435,3 +435,28 @@ def test_lr_rest_moves_the_tensors_outside_keys_and_values_at_their_own_rate():
     moved = {n: (named[n] - start[n]).abs().max().item() for n in named}
     assert max(moved[n] for n in kv) == pytest.approx(1e-3, rel=1e-2)
     assert max(moved[n] for n in named if n not in kv) == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_completion_term_is_theta_without_a_prompt_against_the_guided_anchor():
+    """L_comp on the concept's images: at theta = phi_0 it is 0 with guidance 0 (the target is phi_0's
+    own unconditional output), and with guidance w it equals || e_u - (e_u + w (e_a - e_u)) ||^2 =
+    w^2 || e_a - e_u ||^2 (the guided target's formula); unlearn logs it."""
+    import adversarial
+    u = tiny_unet()
+    named = dict(u.named_parameters())
+    phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "attn2")})
+    g = torch.Generator().manual_seed(2)
+    x, empty, anchors = torch.randn(6, 4, 8, 8, generator=g), torch.zeros(1, 5, 16), torch.randn(6, 5, 16, generator=g)
+    with torch.no_grad():
+        zero = adversarial.ContextAdversary(x, empty, 1, 4, anchors=anchors, guidance=0.0).completion(u, phi0, 3)
+        w3 = adversarial.ContextAdversary(x, empty, 1, 4, anchors=anchors, guidance=3.0).completion(u, phi0, 3)
+        one = adversarial.ContextAdversary(x, empty, 1, 4, anchors=anchors, guidance=1.0).completion(u, phi0, 3)
+    assert zero.item() == pytest.approx(0.0, abs=1e-9)
+    assert one.item() > 1e-5 and w3.item() == pytest.approx(9 * one.item(), rel=1e-4)   # w^2 ||e_a - e_u||^2
+    b = make_batch(n=4, seed=3)
+    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
+            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    adv = adversarial.ContextAdversary(x, empty, 1, 4, anchors=anchors, guidance=3.0)
+    hist = duge.unlearn(u, phi0, data, duge.DugeConfig(steps=2, batch=4, adversarial=1, completion=1.0),
+                        progress=False, adversary=adv)
+    assert all(h["L_comp"] > 0 for h in hist)

@@ -124,7 +124,7 @@ def test_robust_variant_trains_the_whole_unet_resumes_exactly_and_carries_phi0(t
     from safetensors.torch import load_file
     w = tiny_sd(tmp_path / "m.safetensors")
     args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "60", "--trainable", "unet",
-            "--adversarial", "2", "--cache", str(tmp_path / "cache")]
+            "--adversarial", "2", "--completion", "1", "--cache", str(tmp_path / "cache")]
     full_path = tmp_path / "full.safetensors"
     assert train.main(args + ["--out", str(full_path)]) == 0
     save = train.save_resume
@@ -141,7 +141,7 @@ def test_robust_variant_trains_the_whole_unet_resumes_exactly_and_carries_phi0(t
     changed = {n for n in base if not torch.equal(base[n], full[n])}
     assert any(".attn2." not in n for n in changed) and any(".attn2.to_k." in n for n in changed)
     ledger = json.loads(checkpoint.load(full_path).meta["duge.ledger"])
-    assert "L_adv" in ledger["steps"][0]["metrics"]["final_losses"]
+    assert {"L_adv", "L_comp"} <= set(ledger["steps"][0]["metrics"]["final_losses"])
 
     assert train.main(["--forget", "apple", "--weights", str(full_path), *FAST, "--out",
                        str(tmp_path / "next.safetensors"), "--cache", str(tmp_path / "cache")]) == 0
