@@ -213,13 +213,18 @@ def test_presets():
 # Memory bounds: checkpointing and micro-batches change nothing but float rounding; bf16 autocast
 # stays close to fp32
 
+def as_data(b):
+    """make_batch's tensors as duge.unlearn's data groups."""
+    return {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
+            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+
+
 def trained_after(unet, cfg, steps=3):
     named = dict(unet.named_parameters())
     start = {n: p.detach().clone() for n, p in named.items()}
     phi0 = duge.Original(unet, {n: named[n] for n in duge.trainable_names(unet, "attn2")})
     b = make_batch(n=6, seed=3)
-    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
-            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    data = as_data(b)
     hist = duge.unlearn(unet, phi0, data, duge.DugeConfig(steps=steps, lr=3e-3, batch=4, gamma=0.01, **cfg),
                         progress=False)
     out = {n: named[n].detach().clone() for n in duge.trainable_names(unet, "kv")}
@@ -427,8 +432,7 @@ def test_lr_rest_moves_the_tensors_outside_keys_and_values_at_their_own_rate():
     start = {n: p.detach().clone() for n, p in named.items()}
     phi0 = duge.Original(u, {n: named[n] for n in duge.trainable_names(u, "unet")})
     b = make_batch(n=4, seed=3)
-    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
-            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    data = as_data(b)
     duge.unlearn(u, phi0, data, duge.DugeConfig(steps=1, lr=1e-3, lr_rest=1e-4, batch=4, trainable="unet"),
                  progress=False)
     kv = set(duge.trainable_names(u, "kv"))
@@ -454,8 +458,7 @@ def test_completion_term_is_theta_without_a_prompt_against_the_guided_anchor():
     assert zero.item() == pytest.approx(0.0, abs=1e-9)
     assert one.item() > 1e-5 and w3.item() == pytest.approx(9 * one.item(), rel=1e-4)   # w^2 ||e_a - e_u||^2
     b = make_batch(n=4, seed=3)
-    data = {"anchor": {"x": b["x_a"], "c_target": b["c_target"], "c_anchor": b["c_anchor"]},
-            "related": {"x": b["x_r"], "c": b["c_r"]}, "memory": {"x": b["x_m"], "c": b["c_m"]}}
+    data = as_data(b)
     adv = adversarial.ContextAdversary(x, empty, 1, 4, anchors=anchors, guidance=3.0)
     hist = duge.unlearn(u, phi0, data, duge.DugeConfig(steps=2, batch=4, adversarial=1, completion=1.0),
                         progress=False, adversary=adv)

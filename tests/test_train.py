@@ -89,6 +89,22 @@ def test_two_requests_build_the_ledger(tmp_path):
     assert any(not torch.equal(f1[n], f2[n]) for n in changed)  # the second request trained again
 
 
+def interrupted_then_resumed(train, monkeypatch, args, out):
+    """Ctrl-C right after the first resume point is written (step 50): exit 130, no model, a resume
+    file and nothing half-written; then --resume finishes the run and removes the resume file."""
+    save = train.save_resume
+    def save_then_interrupt(*a, **k):
+        save(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
+    assert train.main(args + ["--out", str(out)]) == 130
+    resume = out.with_name(out.name.removesuffix(".safetensors") + ".resume.safetensors")
+    assert not out.exists() and resume.exists() and not list(out.parent.glob("*.tmp"))
+    monkeypatch.setattr(train, "save_resume", save)
+    assert train.main(args + ["--out", str(out), "--resume"]) == 0
+    assert not resume.exists()
+
+
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     """Ctrl-C after the step-50 resume point: no model file, a resume file; --resume then ends
     with exactly the tensors of an uninterrupted run."""
@@ -96,20 +112,8 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     w = tiny_sd(tmp_path / "m.safetensors")
     args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "60", "--cache", str(tmp_path / "cache")]
     assert train.main(args + ["--out", str(tmp_path / "full.safetensors")]) == 0
-
-    save = train.save_resume
-    def save_then_interrupt(*a, **k):
-        save(*a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
     out = tmp_path / "cut.safetensors"
-    assert train.main(args + ["--out", str(out)]) == 130
-    assert not out.exists() and (tmp_path / "cut.resume.safetensors").exists()
-    assert not list(tmp_path.glob("*.tmp"))
-
-    monkeypatch.setattr(train, "save_resume", save)
-    assert train.main(args + ["--out", str(out), "--resume"]) == 0
-    assert not (tmp_path / "cut.resume.safetensors").exists()
+    interrupted_then_resumed(train, monkeypatch, args, out)
     full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (tmp_path / "full.safetensors", out))
     assert all(torch.equal(full[n], cut[n]) for n in full)
     ledger = json.loads(checkpoint.load(out).meta["duge.ledger"])
@@ -127,15 +131,8 @@ def test_robust_variant_trains_the_whole_unet_resumes_exactly_and_carries_phi0(t
             "--adversarial", "2", "--completion", "1", "--cache", str(tmp_path / "cache")]
     full_path = tmp_path / "full.safetensors"
     assert train.main(args + ["--out", str(full_path)]) == 0
-    save = train.save_resume
-    def save_then_interrupt(*a, **k):
-        save(*a, **k)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
     out = tmp_path / "cut.safetensors"
-    assert train.main(args + ["--out", str(out)]) == 130
-    monkeypatch.setattr(train, "save_resume", save)
-    assert train.main(args + ["--out", str(out), "--resume"]) == 0
+    interrupted_then_resumed(train, monkeypatch, args, out)
     base, full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (w, full_path, out))
     assert all(torch.equal(full[n], cut[n]) for n in full)
     changed = {n for n in base if not torch.equal(base[n], full[n])}
