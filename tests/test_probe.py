@@ -131,3 +131,15 @@ def test_benchmark_probes_refuse_a_missing_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model of duge after request 1") and "\n" not in err
     assert not (tmp_path / "d").exists()
+
+
+def test_clip_scorer_recognises_what_clip_picks_among_the_kind(monkeypatch):
+    """Real SD's scorer: an image counts for the concept when CLIP's nearest text, among the concept's
+    kind written with the evaluator's template, is the concept's own (stand-in CLIP, known answers)."""
+    import evaluate
+    from tests.test_clip_eval import StandInCLIP
+    clip, world = StandInCLIP(), concepts.SDConcepts()
+    monkeypatch.setattr(evaluate, "clip_preprocess", lambda images: images)
+    style = evaluate.TEMPLATES["style"]
+    shown = torch.tensor([clip.index(style.format(c)) for c in ("van gogh", "monet", "van gogh", "picasso")])
+    assert probe.clip_scorer(clip, world)(shown, "van gogh", "style") == [True, False, True, False]
