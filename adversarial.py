@@ -24,7 +24,7 @@ really gone?".
 import torch
 import torch.nn.functional as F
 
-from sample import NUM_TRAIN_TIMESTEPS, add_noise
+from sample import noised_rows
 
 WARMUP = 100   # inner steps before the first training step (the probe's attack takes 300 from scratch)
 LR = 5e-3      # Adam on the context, as the probe's inversion
@@ -45,10 +45,8 @@ class ContextAdversary:
         opt = torch.optim.Adam([ctx], lr=LR)
         g = torch.Generator().manual_seed(self.seed * 100_003 + step + 50_000)  # the step alone: exact resume
         for _ in range(WARMUP if self.fresh else self.steps):
-            idx = torch.randint(0, len(self.x), (self.batch,), generator=g)
-            noise = torch.randn(self.x[idx].shape, generator=g).to(self.x)
-            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (self.batch,), generator=g).to(self.x.device)
-            loss = F.mse_loss(unet(add_noise(self.x[idx], noise, t), t, ctx.expand(self.batch, -1, -1)), noise)
+            _, xt, noise, t = noised_rows(self.x, self.batch, g)
+            loss = F.mse_loss(unet(xt, t, ctx.expand(self.batch, -1, -1)), noise)
             ctx.grad, = torch.autograd.grad(loss, [ctx])
             opt.step()
         self.ctx, self.fresh = ctx.detach(), False
@@ -63,10 +61,8 @@ class ContextAdversary:
 
         x_0 in X*, w the model's guidance scale."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + step + 70_000)
-        idx = torch.randint(0, len(self.x), (self.batch,), generator=g)
-        noise = torch.randn(self.x[idx].shape, generator=g).to(self.x)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (self.batch,), generator=g).to(self.x.device)
-        xt, empty = add_noise(self.x[idx], noise, t), self.empty.expand(self.batch, -1, -1)
+        idx, xt, _, t = noised_rows(self.x, self.batch, g)
+        empty = self.empty.expand(self.batch, -1, -1)
         e_u, e_a = ref(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([empty, self.anchors[idx]])).chunk(2)
         return F.mse_loss(unet(xt, t, empty), e_u + self.guidance * (e_a - e_u))
 

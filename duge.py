@@ -374,7 +374,8 @@ def unlearn(unet, phi0, data, cfg: DugeConfig, progress=True, start_step=0, opti
                                              "lower --lr or use --dtype fp32")
                 (w * loss).backward()
                 logs = {k: logs.get(k, 0.0) + w * v for k, v in part_logs.items()}
-            if adversary is not None and cfg.completion > 0:   # one batch per step (each rank its share)
+            if adversary is not None and cfg.completion > 0:   # one batch per step: every rank draws the same,
+                # weighted 1/N so the summed gradient counts it once
                 l_comp = adversary.completion(unet, phi0, step) / distributed.size()
                 (cfg.completion * l_comp).backward()
                 logs["L_comp"] = l_comp.item()

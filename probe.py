@@ -119,11 +119,8 @@ def learn(params, loss_fn, steps, lr, desc):
 
 def diffusion_loss(model, x0, ctx_fn, step, batch, seed):
     """|| eps - eps_theta(x_t, t, c) ||^2 on a batch of latents, the contexts from ctx_fn(index)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + step)
-    idx = torch.randint(0, len(x0), (batch,), generator=g)
-    noise = torch.randn(x0[idx].shape, generator=g).to(x0)
-    t = torch.randint(0, sample.NUM_TRAIN_TIMESTEPS, (batch,), generator=g).to(x0.device)
-    return F.mse_loss(model.unet(sample.add_noise(x0[idx], noise, t), t, ctx_fn(idx)), noise)
+    idx, xt, noise, t = sample.noised_rows(x0, batch, torch.Generator().manual_seed(seed * 100_003 + step))
+    return F.mse_loss(model.unet(xt, t, ctx_fn(idx)), noise)
 
 
 # ------------------------------------------------------------------------------------------

@@ -50,6 +50,15 @@ def add_noise(x0, noise, t):
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
+def noised_rows(x0, n, generator):
+    """n random rows of x0 noised at random timesteps, drawn in this order: rows, eps, t.
+    -> (idx, x_t, eps, t): what a diffusion loss on a batch of latents needs."""
+    idx = torch.randint(0, len(x0), (n,), generator=generator)
+    noise = torch.randn(x0[idx].shape, generator=generator).to(x0)
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=generator).to(x0.device)
+    return idx, add_noise(x0[idx], noise, t), noise, t
+
+
 def timestep_grid(steps):
     """CompVis "uniform" grid, ascending: steps=50 gives 1, 21, ..., 981 (c = 1000 // steps)."""
     if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:

@@ -78,7 +78,8 @@ def fingerprint(model, phi0):
     (conv_in: phi_0's if a request trained it, as --trainable unet does)."""
     h = hashlib.sha1()
     own = [(k, v) for k, v in sorted(phi0.tensors.items()) if ".attn2." in k]
-    for k, v in own + [("conv_in", phi0.tensors.get("input_blocks.0.0.weight", model.unet.input_blocks[0][0].weight))]:
+    conv_in = phi0.tensors.get("input_blocks.0.0.weight", model.unet.input_blocks[0][0].weight)
+    for k, v in own + [("conv_in", conv_in)]:
         h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -134,7 +135,7 @@ def prepare(model, ref, world, plan, cfg, args, folder):
     duge_ = cfg.method == "duge"
     todo = {"anchor": targets if cfg.method == "esd" else anchors,
             "related": related if duge_ and cfg.prior == "related" else [], "memory": memory if duge_ else [],
-            "concept": [p for p in targets[-cfg.num_prompts:]] if duge_ and cfg.adversarial else []}
+            "concept": targets[-cfg.num_prompts:] if duge_ and cfg.adversarial else []}
     k = cfg.images_per_prompt
     who = "phi_0" if ref_is_phi0(cfg) else "reference"
     with ref.applied():  # x_0 drawn by the frozen reference (phi_0; phi_n for a baseline), cached per prompt
@@ -342,7 +343,7 @@ def load_resume(path, unet, concept):
 CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "lr_rest": "learning rate of the trained "
                "tensors outside attn2 keys and values (0: --lr)", "batch": "images per loss group per step",
                "lambda_pr": "weight of L_pr", "lambda_reg": "weight of R_pr", "gamma": "L2 pull to the original",
-               "trainable": "trained tensors", "num_related": "related concepts protected by L_pr",
+               "trainable": "trained tensors", "num_related": "related concepts kept in the memory",
                "num_prompts": "prompts per concept", "images_per_prompt": "images per prompt",
                "memory": "generic prompts in the memory", "seed": "seed of the training draws",
                "replay": "replay the forgotten concepts in L_U (--no-replay: ablation)",
@@ -357,8 +358,8 @@ CONFIG_HELP = {"steps": "training steps", "lr": "AdamW learning rate", "lr_rest"
                "prior": "L_pr's images: the memory bank's or related (+anchor)",
                "adversarial": "robust variant: context-inversion steps against theta per training step (0: off; "
                "adversarial.py)", "lambda_adv": "weight of L_adv (the robust variant's term)",
-               "completion": "weight of L_comp (robust variant, with --adversarial: no prompt on the concept's images)", "regulariser": "R_pr: distil (memory) or l2 "
-               "(parameters)"}
+               "completion": "weight of L_comp (robust variant, with --adversarial: no prompt on the concept's images)",
+               "regulariser": "R_pr: distil (memory) or l2 (parameters)"}
 
 
 def parse_args(argv=None):

@@ -45,7 +45,8 @@ VARIANTS = {
     "duge+maps": ["--prior", "related", "--attention", "maps"],
     "duge+l2": ["--prior", "related", "--regulariser", "l2"],
     "duge-related-no-replay": ["--prior", "related", "--no-replay"],
-    # the robust variant (adversarial.py): an attacker's context unlearned too, the whole UNet trained
+    # the robust variant (adversarial.py): an attacker's context unlearned too; trained sets and weights tried
+    # (README, "Is it really gone?")
     "duge+robust": ["--trainable", "unet", "--adversarial", "5"],
     "duge+robust-lr3e-4": ["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"],
     "duge+robust-attn2": ["--trainable", "attn2", "--adversarial", "5"],   # the same attack, attn2 only
