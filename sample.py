@@ -168,10 +168,12 @@ SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpm++2m": dpmpp_2m_sample
 
 def guided_eps(unet, cond, uncond, guidance):
     """Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), one batched UNet call on [u, c]."""
+    both = None if guidance == 1.0 else torch.cat([uncond, cond])   # one tensor for every step (reusing_text)
+
     def eps_fn(x, t):
         if guidance == 1.0:
             return unet(x, t, cond)
-        e_u, e_c = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+        e_u, e_c = unet(torch.cat([x, x]), t, both).chunk(2)
         return e_u + guidance * (e_c - e_u)
     return eps_fn
 
@@ -181,9 +183,15 @@ def guided_eps(unet, cond, uncond, guidance):
 
 @torch.no_grad()
 def encode_prompts(model, prompts):
-    """Text -> CLIP context (B, 77, width) on the text encoder's device and dtype."""
+    """Text -> CLIP context (B, 77, width) on the text encoder's device and dtype. Each distinct prompt is
+    encoded once (a guided batch's B empty prompts are one)."""
     p = next(model.text_encoder.parameters())
-    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+    unique = list(dict.fromkeys(prompts))
+    ctx = model.text_encoder(model.tokenizer(unique).to(p.device))
+    if len(unique) == len(prompts):
+        return ctx
+    row = {q: i for i, q in enumerate(unique)}
+    return ctx[torch.tensor([row[q] for q in prompts], device=ctx.device)]
 
 
 def check_numbers(guidance, eta):
@@ -236,8 +244,9 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
     x = latents.to(device=device, dtype=mdtype)
     eps_fn = guided_eps(model.unet, cond, uncond, guidance)
     kwargs = dict(eta=eta) if sampler == "ddim" else {}
-    x0 = SAMPLERS[sampler](eps_fn, x, steps, generators=generators, progress=progress,
-                           callback=callback, **kwargs)
+    with model.unet.reusing_text():   # the prompts' attn2 keys and values computed once, not at every step
+        x0 = SAMPLERS[sampler](eps_fn, x, steps, generators=generators, progress=progress,
+                               callback=callback, **kwargs)
     if not decode:
         return x0                                                              # (B, 4, H/f, W/f)
     images = model.vae.decode(x0)                                              # (B, 3, H, W) in ~[-1, 1]

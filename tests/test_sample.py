@@ -200,6 +200,44 @@ def test_per_image_seeds(tiny_sd):
     assert (ddpm[1] - sample.generate(model, prompts[1:2], steps=3, seed=11, sampler="ddpm")[0]).abs().max() < 1e-5
 
 
+def test_encode_prompts_encodes_each_distinct_prompt_once(tiny_sd):
+    """Repeated prompts (a guided batch's empty ones) are encoded once and copied: the same rows as encoding
+    each prompt alone, and the text encoder sees only the distinct prompts."""
+    _, model = tiny_sd
+    prompts = ["a cat", "", "a dog", "a cat", "", ""]
+    seen = []
+    hook = model.text_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        ctx = sample.encode_prompts(model, prompts)
+    finally:
+        hook.remove()
+    assert seen == [3] and ctx.shape[0] == 6
+    for i, p in enumerate(prompts):
+        assert (ctx[i] - sample.encode_prompts(model, [p])[0]).abs().max() < 1e-6, p
+    assert (ctx[0] - ctx[2]).abs().max() > 1e-3   # different prompts, different rows
+
+
+def test_text_keys_and_values_are_computed_once_per_generate(tiny_sd, monkeypatch):
+    """While sampling, each attn2 computes the prompts' keys and values once (UNet.reusing_text), and the
+    images are the same numbers as recomputing them at every step."""
+    from contextlib import nullcontext
+    _, model = tiny_sd
+    calls = []
+    hooks = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for _, m in model.unet.cross_attentions()]
+    try:
+        once = sample.generate(model, ["a cat", "a dog"], steps=4, seed=3)
+        n_once = len(calls)
+        monkeypatch.setattr(type(model.unet), "reusing_text", lambda self: nullcontext(self))
+        every = sample.generate(model, ["a cat", "a dog"], steps=4, seed=3)
+    finally:
+        for h in hooks:
+            h.remove()
+    attn2 = len(model.unet.cross_attentions())
+    assert attn2 >= 2 and n_once == attn2 and len(calls) - n_once == 4 * attn2
+    assert torch.equal(once, every)
+    assert all(m.memo is None for _, m in model.unet.cross_attentions())   # nothing kept after sampling
+
+
 def test_generate_rejects_bad_input(tiny_sd):
     _, model = tiny_sd
     for kwargs, words in [({"prompts": []}, "no prompt"), ({"steps": 0}, "steps must be"),

@@ -87,9 +87,11 @@ def encode_dataset(vae, n, seed, batch=250):
     return torch.cat(means), torch.cat(stds), labels
 
 
-def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_every, outdir):
-    """Stage 3: L = || eps - eps_theta(x_t, t, c) ||^2 with t ~ U{0..999} (DDPM Algorithm 1)."""
+def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_every, outdir, focus=None):
+    """Stage 3: L = || eps - eps_theta(x_t, t, c) ||^2 with t ~ U{0..999} (DDPM Algorithm 1).
+    focus: {style: w}, that style's images drawn w times as often as the others (None: uniformly)."""
     means, stds, labels = data
+    weights = torch.tensor([float((focus or {}).get(s, 1.0)) for s in labels["style"]]) if focus else None
     params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -101,7 +103,8 @@ def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_e
     scale = model.vae.cfg.scale_factor
     bar = tqdm(range(steps), desc="unet+text")
     for step in bar:
-        idx = torch.randint(0, len(means), (batch,), generator=g)
+        idx = (torch.multinomial(weights, batch, replacement=True, generator=g) if weights is not None else
+               torch.randint(0, len(means), (batch,), generator=g))
         z0 = scale * (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g))   # (B, 4, 16, 16)
         caps = ["" if rng.random() < p_uncond else
                 world.caption(labels["shape"][i], labels["colour"][i], labels["style"][i], rng) for i in idx.tolist()]
@@ -164,7 +167,15 @@ def main():
     ap.add_argument("--rundir", default="runs/toy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--init", default=None, help="continue stage 3 from this toy model instead of starting over")
+    ap.add_argument("--focus", default="", metavar="STYLE:W,...",
+                    help="draw these styles' images W times as often in stage 3, e.g. 'matisse:4'")
     args = ap.parse_args()
+    focus = {}
+    for part in filter(None, (p.strip() for p in args.focus.split(","))):
+        style, _, w = part.rpartition(":")
+        if style not in world.STYLE_LABELS or not w.replace(".", "", 1).isdigit() or float(w) <= 0:
+            ap.error(f"--focus wants STYLE:WEIGHT pairs of the world's styles, e.g. matisse:4; got {part!r}")
+        focus[style] = float(w)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.rundir, exist_ok=True)
@@ -183,7 +194,7 @@ def main():
         log({"stage": "init_from", "path": args.init})
         data = encode_dataset(model.vae, args.images, args.seed + 3)
         train_diffusion(model, data, args.steps, args.batch, args.lr, args.seed + 5, 0.1, log, args.sample_every,
-                        args.rundir)
+                        args.rundir, focus=focus)
         checkpoint.save(model, args.out, format="compvis", dtype=torch.float16)
         print(f"wrote {args.out} in {(time.time() - t0) / 60:.1f} min")
         return
