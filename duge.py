@@ -103,8 +103,8 @@ RECIPES = {"ours": {}, "paper": dict(reference="phin", target="uncond", attentio
 
 
 # SD: 3 x 8 images per step in micro-batches of 2, checkpointed: one UNet plus a few GB, not ~45 GB (README,
-# "Real SD on one GPU"). Toy: 100 steps forget as fully as 200 and erode less (README, "One request").
-PRESETS = {"toy": DugeConfig(steps=100), "sd": DugeConfig(lr=1e-5, micro_batch=2, checkpointing=True)}
+# "Real SD on one GPU"). Toy: 60 steps forget as fully as 100 and erode less (README, "One request").
+PRESETS = {"toy": DugeConfig(steps=60), "sd": DugeConfig(lr=1e-5, micro_batch=2, checkpointing=True)}
 
 
 # -----------------------------------------------------------------------------------------------
