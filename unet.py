@@ -322,9 +322,8 @@ class UNet(nn.Module):
     @contextmanager
     def reusing_text(self):
         """For sampling, where the weights and the prompts stay fixed: each attn2 computes the keys and
-        values of a context once and reuses them while the same context tensor comes back (about 6% of
-        the toy UNet's time at 77 tokens; the outputs are the same numbers). Not for training: the
-        trained keys and values change at every step."""
+        values of a context once and reuses them while the same context tensor comes back (the outputs
+        are the same numbers). Not for training: the trained keys and values change at every step."""
         attn2 = [m for _, m in self.cross_attentions()]
         for m in attn2:
             m.memo = {}

@@ -91,7 +91,7 @@ def train_diffusion(model, data, steps, batch, lr, seed, p_uncond, log, sample_e
     """Stage 3: L = || eps - eps_theta(x_t, t, c) ||^2 with t ~ U{0..999} (DDPM Algorithm 1).
     focus: {style: w}, that style's images drawn w times as often as the others (None: uniformly)."""
     means, stds, labels = data
-    weights = torch.tensor([float((focus or {}).get(s, 1.0)) for s in labels["style"]]) if focus else None
+    weights = torch.tensor([focus.get(s, 1.0) for s in labels["style"]]) if focus else None
     params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
