@@ -311,7 +311,7 @@ def test_grid_of_a_later_request_shows_this_concept(tmp_path):
 def test_help_shows_defaults():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     text = " ".join(r.stdout.split())
-    for expected in ("training steps (default: 100 on the toy model, 200 on SD)", "AdamW learning rate (default: 0.001 on the toy model, 1e-05 on SD)",
+    for expected in ("training steps (default: 60 on the toy model, 200 on SD)", "AdamW learning rate (default: 0.001 on the toy model, 1e-05 on SD)",
                      "(default: 32 on the toy model, 8 on SD)", "--num-prompts", "(default: cache)", "--method {duge,esd,ca,uce,finetune}"):
         assert expected in text, expected
 
