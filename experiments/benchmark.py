@@ -133,6 +133,8 @@ def run_variant(name, concepts, outdir, extra, bar):
         rows.append({"variant": name, "step": k, "concept": c, **{f"acc[{g}]": m["eval"][g] for g in concepts[:k]},
                      "forgotten_max": max(m["eval"][g] for g in concepts[:k]),
                      **{key: s.get(key) for key in COLUMNS[4:] if key in s},
+                     **{f"{key}_{end}": s[key + "_ci"][i] for key in INTERVALS if key + "_ci" in s
+                        for i, end in enumerate(("lo", "hi"))},
                      "seconds": round(sum(m.get("seconds", {}).values()), 1) or round(time.time() - t, 1)})
         weights = str(out)
         bar.update()
@@ -143,10 +145,23 @@ COLUMNS = ["variant", "step", "concept", "forgotten_max", "retained_in_domain", 
            "retained_in_domain_worst", "retained_in_domain_worst_acc", "retained_cross_domain",
            "retained_cross_domain_base", "retained_cross_domain_worst", "retained_cross_domain_worst_acc",
            "quality_fd", "quality_fd_base", "seconds"]
+INTERVALS = ["retained_in_domain", "retained_in_domain_worst", "retained_cross_domain", "retained_cross_domain_worst"]
 
 
 def pct(v):
     return "" if v is None else f"{100 * v:.0f}%" if isinstance(v, float) else str(v)
+
+
+def ci(r, key):
+    """' [lo, hi]': the 95% Wilson interval of a retained mean or worst concept, in points."""
+    lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+    return "" if lo is None or hi is None else f" [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def retained(r, group):
+    """The cells of one group: the mean [interval] (base) and the worst concept's accuracy [interval]."""
+    return (f"{pct(r[group])}{ci(r, group)} ({pct(r[group + '_base'])})",
+            f"{r[group + '_worst']} {pct(r[group + '_worst_acc'])}{ci(r, group + '_worst')}")
 
 
 def write_outputs(rows, concepts, docs, calibration=()):
@@ -155,22 +170,21 @@ def write_outputs(rows, concepts, docs, calibration=()):
     for r in rows:
         last[r["variant"]] = r
     worst_forget = {v: max(r["forgotten_max"] for r in rows if r["variant"] == v) for v in last}
-    lines = ["| variant | steps | forgotten, worst at any step | retained in-domain (base) | worst in-domain "
-             "| retained cross-domain (base) | worst cross-domain | quality FD (base) |", "|" + "---|" * 8]
+    minutes = {v: sum(r["seconds"] or 0 for r in rows if r["variant"] == v) / 60 for v in last}
+    lines = ["| variant | steps | forgotten, worst at any step | retained in-domain [95%] (base) "
+             "| worst in-domain [95%] | retained cross-domain [95%] (base) | worst cross-domain [95%] "
+             "| quality FD (base) | minutes |", "|" + "---|" * 9]
     for v, r in last.items():
-        lines.append(f"| {v} | {r['step']} | {pct(worst_forget[v])} | {pct(r['retained_in_domain'])} "
-                     f"({pct(r['retained_in_domain_base'])}) | {r['retained_in_domain_worst']} "
-                     f"{pct(r['retained_in_domain_worst_acc'])} | {pct(r['retained_cross_domain'])} "
-                     f"({pct(r['retained_cross_domain_base'])}) | {r['retained_cross_domain_worst']} "
-                     f"{pct(r['retained_cross_domain_worst_acc'])} | {r['quality_fd']:.1f} ({r['quality_fd_base']:.1f}) |")
-    steps = ["", "| variant | step | concept | forgotten (worst) | in-domain | worst in-domain | cross-domain "
-             "| worst cross-domain | FD |", "|" + "---|" * 9]
+        cells = [v, r["step"], pct(worst_forget[v]), *retained(r, "retained_in_domain"),
+                 *retained(r, "retained_cross_domain"), f"{r['quality_fd']:.1f} ({r['quality_fd_base']:.1f})",
+                 f"{minutes[v]:.1f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    steps = ["", "| variant | step | concept | forgotten (worst) | in-domain [95%] (base) | worst in-domain [95%] "
+             "| cross-domain [95%] (base) | worst cross-domain [95%] | FD | seconds |", "|" + "---|" * 10]
     for r in rows:
-        steps.append(f"| {r['variant']} | {r['step']} | {r['concept']} | {pct(r['forgotten_max'])} | "
-                     f"{pct(r['retained_in_domain'])} | {r['retained_in_domain_worst']} "
-                     f"{pct(r['retained_in_domain_worst_acc'])} | {pct(r['retained_cross_domain'])} | "
-                     f"{r['retained_cross_domain_worst']} {pct(r['retained_cross_domain_worst_acc'])} | "
-                     f"{r['quality_fd']:.1f} |")
+        cells = [r["variant"], r["step"], r["concept"], pct(r["forgotten_max"]), *retained(r, "retained_in_domain"),
+                 *retained(r, "retained_cross_domain"), f"{r['quality_fd']:.1f}", r["seconds"]]
+        steps.append("| " + " | ".join(map(str, cells)) + " |")
     if calibration:
         lines += ["", "Each baseline's strength, chosen on the first request alone (the mildest that forgets it "
                       "to <= 10%):", "", *calibration]
@@ -178,7 +192,8 @@ def write_outputs(rows, concepts, docs, calibration=()):
             "\n\n<details><summary>every step</summary>\n" + "\n".join(steps) + "\n\n</details>\n")
     with checkpoint.atomic_path(docs / "benchmark.md") as tmp:
         tmp.write_text(text)
-    cols = COLUMNS[:3] + [f"acc[{c}]" for c in concepts] + COLUMNS[3:]
+    cols = (COLUMNS[:3] + [f"acc[{c}]" for c in concepts] + COLUMNS[3:]
+            + [f"{key}_{end}" for key in INTERVALS for end in ("lo", "hi")])
     with checkpoint.atomic_path(docs / "benchmark.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -118,17 +118,21 @@ def test_summary_groups_and_benchmark_tables(tmp_path):
     assert s["retained_cross_domain"] == pytest.approx(2.0 / 3)     # star, circle, red
     assert s["retained_cross_domain_worst"] == "red" and s["retained_in_domain_worst"] == "monet"
     assert s["retained"] == pytest.approx(3.5 / 5) and s["erosion"] == pytest.approx(1.5 / 5)
+    ends = dict(zip([f"{g}_{e}" for g in benchmark.INTERVALS for e in ("lo", "hi")],
+                    [0.8, 0.95, 0.3, 0.7, 0.7, 0.87, 0.1, 0.5]))
     rows = [{"variant": v, "step": k, "concept": c, f"acc[{c}]": 0.0, "forgotten_max": f,
              "retained_in_domain": 0.9, "retained_in_domain_base": 1.0, "retained_in_domain_worst": "munch",
              "retained_in_domain_worst_acc": 0.5, "retained_cross_domain": 0.8, "retained_cross_domain_base": 1.0,
              "retained_cross_domain_worst": "red", "retained_cross_domain_worst_acc": 0.25, "quality_fd": 3.0 + k,
-             "quality_fd_base": 2.0, "seconds": 50.0}
+             "quality_fd_base": 2.0, "seconds": 50.0, **ends}
             for v, f in (("duge", 0.0), ("esd", 0.25)) for k, c in ((1, "van gogh"), (2, "monet"))]
     md = benchmark.write_outputs(rows, ["van gogh", "monet"], tmp_path).splitlines()
     assert md[2].startswith("| variant | steps | forgotten, worst at any step |")
-    assert md[4] == "| duge | 2 | 0% | 90% (100%) | munch 50% | 80% (100%) | red 25% | 5.0 (2.0) |"
+    assert md[4] == "| duge | 2 | 0% | 90% [80, 95] (100%) | munch 50% [30, 70] | 80% [70, 87] (100%) | red 25% [10, 50] " \
+                    "| 5.0 (2.0) | 1.7 |"   # two requests of 50 s: 1.7 minutes
     assert md[5].startswith("| esd | 2 | 25% |")
-    assert list(csv.DictReader(open(tmp_path / "benchmark.csv")))[1]["quality_fd"] == "5.0"
+    saved = list(csv.DictReader(open(tmp_path / "benchmark.csv")))[1]
+    assert saved["quality_fd"] == "5.0" and saved["retained_cross_domain_worst_hi"] == "0.5"
     from PIL import Image
     assert Image.open(tmp_path / "benchmark.png").size[0] == 4 * 330
 

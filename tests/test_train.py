@@ -1,6 +1,7 @@
 """train.py: the CLI's errors, the ledger across requests, and the real-SD path at full size."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,12 @@ def test_every_long_phase_shows_a_progress_bar(tmp_path, flags, groups):
         assert f"{bar}: 100%" in r.stderr, bar
     drawn = {g for g in ("anchor", "related", "memory", "concept") if f"phi_0 images: {g}" in r.stderr}
     assert drawn == set(groups)
+    # the time line: the command line's start-up (imports, loading) first, then each phase; they add up to the total
+    line = r.stderr.split("time: ")[-1].splitlines()[0]
+    parts = dict(re.fullmatch(r"(.+) ([0-9.]+) s", p).groups() for p in line.replace(";", ",").split(", "))
+    assert list(parts)[:2] == ["start-up", "phi_0 images"] and "training" in parts and float(parts["start-up"]) > 0
+    total = float(parts.pop("total"))
+    assert sum(map(float, parts.values())) == pytest.approx(total, abs=0.05 * len(parts))
 
 
 @pytest.mark.parametrize("method,changed", [("esd", ("to_q", "to_k", "to_v", "to_out")), ("ca", ("to_k", "to_v")),
