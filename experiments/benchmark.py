@@ -60,6 +60,11 @@ VARIANTS = {
                                     "--lambda-reg", "5"],
     "duge+robust-attn2-adv5-reg5-comp": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
                                          "--lambda-reg", "5", "--completion", "1"],
+    # the two closest to the goal at the 100 steps they were first measured with (the toy default is now 60)
+    "duge+robust-attn2-adv5-reg3-s100": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
+                                         "--lambda-reg", "3", "--steps", "100"],
+    "duge+robust-attn2-adv5-reg5-s100": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
+                                         "--lambda-reg", "5", "--steps", "100"],
     "esd": ["--method", "esd"],
     "ca": ["--method", "ca"],
     "uce": ["--method", "uce"],
