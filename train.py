@@ -209,14 +209,14 @@ def stop_between_steps():
             signal.signal(s, h)
 
 
-def run_request(model, world, concept, cfg, args, out):
+def run_request(model, world, concept, cfg, args, out, startup=None):
+    """One request; startup: the process's start-up seconds, shown first in the time line (the first request only)."""
     ledger = read_ledger(model)
     paths = output_paths(out)
     kind, anchor = (args.kind if args.kind != "auto" else world.kind(concept)), args.anchor
     retain = [r.strip().lower() for r in args.retain.split(",") if r.strip()] if args.retain else None
     t0 = time.time()
     phases = {}  # seconds per phase, printed at the end
-    startup, args.startup = args.startup, None  # the process's start-up: the first request's line only
 
     @contextmanager
     def phase(name):
@@ -474,9 +474,9 @@ def main(argv=None, started=None):
         if args.clip is not None:  # loaded before any work: a wrong folder fails here, in one line
             from clip_vision import load_clip
             args.clip_model = load_clip(args.clip, device=device)
-        args.startup = None if started is None else time.time() - started
-        for concept, out in zip(args.forget, output_models(args, model, world)):
-            run_request(model, world, concept, cfg, args, out)
+        startup = None if started is None else time.time() - started
+        for i, (concept, out) in enumerate(zip(args.forget, output_models(args, model, world))):
+            run_request(model, world, concept, cfg, args, out, startup=startup if i == 0 else None)
     except (UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
