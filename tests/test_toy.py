@@ -107,6 +107,22 @@ def test_evaluate_cli_refuses_bad_counts():
         assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
 
 
+def test_combinations_cli_draws_with_the_seed_it_is_given(monkeypatch, capsys):
+    seen = {}
+
+    def fake(model, seed=0, sampler="ddim", steps=20, **_):
+        seen.update(seed=seed, sampler=sampler, steps=steps)
+        per_concept = {c: 1.0 for c in (*world.STYLE_LABELS, *world.SHAPES, *world.COLOURS)}
+        per_concept["matisse"] = 93 / 96
+        return {"style": 0.99, "shape": 1.0, "colour": 1.0}, per_concept
+
+    monkeypatch.setattr(evaluate, "combinations", fake)
+    assert evaluate.main(["--combinations", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert seen == {"seed": 2, "sampler": "ddim", "steps": 20}
+    assert "ddim 20 steps, seed 2" in out and "lowest concept: matisse 96.9% (93 of 96 images)" in out
+
+
 def test_summary_groups_and_benchmark_tables(tmp_path):
     """evaluate.summarise on known accuracies, and the benchmark's tables and figure from rows."""
     from experiments import benchmark

@@ -303,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--combinations", action="store_true",
                     help="score one image of every style x shape x colour prompt on all three heads (DDIM 20 "
                          "unless --sampler/--steps are given)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="with --combinations: batch k of its 128 images is drawn with seed + 128 k; another seed "
+                         "draws other images of the same prompts")
     ap.add_argument("--compare-samplers", default=None, metavar="S:N,S:N",
                     help="e.g. 'ddim:20,ddim:8': the base model's accuracy under each sampler on the same images")
     args = ap.parse_args(argv)
@@ -331,8 +334,8 @@ def main(argv=None):
     if args.combinations:
         explicit = any(a.startswith(("--sampler", "--steps")) for a in (argv or sys.argv[1:]))
         sampler, steps = (args.sampler, args.steps) if explicit else ("ddim", 20)
-        per_head, per_concept = combinations(model, sampler=sampler, steps=steps)
-        print(f"{len(per_concept)} concepts, {sampler} {steps} steps\n")
+        per_head, per_concept = combinations(model, seed=args.seed, sampler=sampler, steps=steps)
+        print(f"{len(per_concept)} concepts, {sampler} {steps} steps, seed {args.seed}\n")
         print("| head | accuracy |\n|---|---|\n" + "\n".join(f"| {h} | {100 * a:.1f}% |" for h, a in per_head.items()))
         print("\n| concept | head | accuracy |\n|---|---|---|")
         sizes = {"style": len(world.STYLE_LABELS), "shape": len(world.SHAPES), "colour": len(world.COLOURS)}
