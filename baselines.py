@@ -2,14 +2,15 @@
 
 Each baseline is applied one request after another as its own code would be: a request starts from
 the previous request's output, and its frozen reference `ref` is the model at the START of the
-request (phi_n), not the original. Every training loss takes the batch duge.unlearn builds, so the
-same loop, micro-batching, resume point and outputs serve all methods (train.py --method):
+request (phi_n, reference = "phin"), not the original, and it forgets the current concept alone
+(replays = False). Each trained baseline is a method of the shared loop (trainer.py: data() says
+which images and prompts it trains on, loss() its objective), so the same micro-batching, resume
+point and outputs serve all methods (train.py --method). Its "unlearn" group holds:
 
-    batch["x_a"]       images for the concept's group: the concept itself for ESD (drawn by ref
-                       from the concept's prompts), the anchor's for CA and finetune
-    batch["c_target"]  the prompts naming the concept (c*), batch["c_anchor"] their anchors (c^a);
-                       for ESD the empty prompt
-    eps_a, t_a         noise and timesteps (duge.with_noise)
+    x, x_t, eps, t     images for the concept's group: the concept itself for ESD (drawn by ref
+                       from the concept's prompts), the anchor's for CA and finetune, noised
+    c_target           the prompts naming the concept (c*); c_anchor their anchors (c^a), for ESD
+                       the empty prompt
 
 References
 - ESD: R. Gandikota, J. Materzynska, J. Fiotto-Kaufman, D. Bau, "Erasing Concepts from Diffusion
@@ -22,63 +23,84 @@ References
 - CUIG: J. Lee et al., "Continual Unlearning for Text-to-Image Diffusion Models: A Regularization
   Perspective", ICLR 2026 (L2 towards the original weights; semantic-aware gradient projection).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from sample import add_noise
+from concepts import anchor_prompt
+from trainer import check, setting
 
 
-def _noisy(batch):
-    return add_noise(batch["x_a"], batch["eps_a"], batch["t_a"]), batch["t_a"]
+@dataclass
+class BaselineConfig:
+    """The baselines' own settings (the shared ones are trainer.TrainConfig's)."""
+    esd_eta: float = setting(1.0, "ESD's negative guidance", low=0)
+    uce_lambda: float = setting(0.1, "UCE's pull towards the unedited weights", low=0)
+    uce_preserve: float = setting(1.0, "UCE's weight of the kept concepts", low=0)
+
+    def __post_init__(self):
+        check(self)
 
 
-def l2_to_original(trained, original, gamma):
-    """CUIG's L2 add-on: gamma ||theta - theta_0||^2 over the trained tensors (0 when gamma is 0)."""
-    if gamma <= 0:
-        return 0.0
-    return gamma * sum(((p - original[n]) ** 2).sum() for n, p in trained.items())
+class Finetune:
+    """Plain fine-tuning (CA's noise-based variant): the concept prompt is trained on the anchor's
+    images with the ordinary diffusion loss, nothing protected:  L = || eps_theta(x_t, c*, t) - eps ||^2"""
+    name, reference, replays = "finetune", "phin", False
+
+    def data(self, p):
+        return {"unlearn": {"x": p.anchors, "c_target": p.targets}}
+
+    def loss(self, unet, ref, batch):
+        b = batch["unlearn"]
+        loss = F.mse_loss(unet(b["x_t"], b["t"], b["c_target"]), b["eps"])
+        return loss, {"L_ft": loss.item()}
 
 
-def esd_loss(unet, ref, params, batch, cfg, original=None):
+class Esd:
     """ESD-x. The concept's images are denoised under c* towards the reference model's prediction
     guided AWAY from the concept:
 
         L = || eps_theta(x_t, c*, t) - [eps_ref(x_t, t) - eta (eps_ref(x_t, c*, t) - eps_ref(x_t, t))] ||^2
 
-    with eps_ref(x_t, t) the unconditional prediction (batch["c_anchor"] is the empty prompt) and
-    eta = cfg.esd_eta (1.0 in the paper). x_0: images of the concept drawn by ref."""
-    x_t, t = _noisy(batch)
-    eps_uncond, eps_concept = ref(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                  torch.cat([batch["c_anchor"], batch["c_target"]])).chunk(2)
-    target = eps_uncond - cfg.esd_eta * (eps_concept - eps_uncond)
-    loss = F.mse_loss(unet(x_t, t, batch["c_target"]), target)
-    total = loss + l2_to_original(params, original, cfg.gamma)
-    return total, {"L_esd": loss.item()}
+    with eps_ref(x_t, t) the unconditional prediction (c_anchor is the empty prompt) and eta =
+    cfg.esd_eta (1.0 in the paper). x_0: images of the concept drawn by ref. Trains every attn2 tensor."""
+    name, reference, replays, trainable = "esd", "phin", False, "attn2"
+
+    def __init__(self, cfg: BaselineConfig):
+        self.eta = cfg.esd_eta
+
+    def data(self, p):
+        return {"unlearn": {"x": p.targets, "c_target": p.targets, "c_anchor": [""] * len(p.targets)}}
+
+    def loss(self, unet, ref, batch):
+        b = batch["unlearn"]
+        x_t, t = b["x_t"], b["t"]
+        eps_uncond, eps_concept = ref(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                      torch.cat([b["c_anchor"], b["c_target"]])).chunk(2)
+        target = eps_uncond - self.eta * (eps_concept - eps_uncond)
+        loss = F.mse_loss(unet(x_t, t, b["c_target"]), target)
+        return loss, {"L_esd": loss.item()}
 
 
-def ca_loss(unet, ref, params, batch, cfg, original=None):
+class Ca:
     """Concept Ablation, model-based. On the anchor's images, the concept prompt must predict what
     the reference predicts for the anchor prompt, and the anchor prompt keeps its plain diffusion loss:
 
         L = || eps_theta(x_t, c*, t) - sg eps_ref(x_t, c^a, t) ||^2 + || eps_theta(x_t, c^a, t) - eps ||^2"""
-    x_t, t = _noisy(batch)
-    target = ref(x_t, t, batch["c_anchor"])
-    eps_target, eps_anchor = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                  torch.cat([batch["c_target"], batch["c_anchor"]])).chunk(2)
-    ablate, prior = F.mse_loss(eps_target, target), F.mse_loss(eps_anchor, batch["eps_a"])
-    total = ablate + prior + l2_to_original(params, original, cfg.gamma)
-    return total, {"L_ca": ablate.item(), "L_anchor": prior.item()}
+    name, reference, replays = "ca", "phin", False
 
+    def data(self, p):
+        return {"unlearn": {"x": p.anchors, "c_target": p.targets, "c_anchor": p.anchors}}
 
-def finetune_loss(unet, ref, params, batch, cfg, original=None):
-    """Plain fine-tuning (CA's noise-based variant): the concept prompt is trained on the anchor's
-    images with the ordinary diffusion loss, nothing protected:  L = || eps_theta(x_t, c*, t) - eps ||^2"""
-    x_t, t = _noisy(batch)
-    loss = F.mse_loss(unet(x_t, t, batch["c_target"]), batch["eps_a"])
-    return loss + l2_to_original(params, original, cfg.gamma), {"L_ft": loss.item()}
-
-
-LOSSES = {"esd": esd_loss, "ca": ca_loss, "finetune": finetune_loss}
+    def loss(self, unet, ref, batch):
+        b = batch["unlearn"]
+        x_t, t = b["x_t"], b["t"]
+        target = ref(x_t, t, b["c_anchor"])
+        eps_target, eps_anchor = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                      torch.cat([b["c_target"], b["c_anchor"]])).chunk(2)
+        ablate, prior = F.mse_loss(eps_target, target), F.mse_loss(eps_anchor, b["eps"])
+        return ablate + prior, {"L_ca": ablate.item(), "L_anchor": prior.item()}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -137,6 +159,23 @@ def uce_request(model, texts, anchors, preserve, lam=0.1, preserve_scale=1.0):
     uce_edit(projections, (torch.cat(c_e), torch.cat(c_a)), c_p, lam, preserve_scale)
 
 
+class Uce:
+    """UCE as a method: no training loop, one closed-form edit per request (uce_request)."""
+    name, reference, replays = "uce", "phin", False
+
+    def __init__(self, cfg: BaselineConfig):
+        self.lam, self.preserve = cfg.uce_lambda, cfg.uce_preserve
+
+    def edit(self, model, world, plan, concept, anchor):
+        """The texts that end in the concept (and the name alone) onto their anchors, the retained
+        concepts of plan.memory kept."""
+        texts = [concept] + [p for p in world.prompts(concept, world.kind(concept), 16, exclude=plan.exclude)
+                             if p.endswith(concept)]
+        texts = list(dict.fromkeys(texts))
+        uce_request(model, texts, [anchor_prompt(p, concept, anchor) for p in texts], plan.memory, self.lam,
+                    self.preserve)
+
+
 # -----------------------------------------------------------------------------------------------
 # CUIG's gradient projection, usable with any method
 
@@ -165,6 +204,9 @@ def project_out(matrix, basis):
     return matrix - (matrix @ basis) @ basis.T
 
 
+KEYS_AND_VALUES = ("attn2.to_k.weight", "attn2.to_v.weight")   # the tensors that multiply the context
+
+
 class GradientProjection:
     """CUIG's semantic-aware gradient projection: the key / value updates are kept orthogonal to the
     subspace spanned by the retained neighbouring concepts' text embeddings, so what those prompts
@@ -173,7 +215,8 @@ class GradientProjection:
     scaling would otherwise leak into the protected directions): the update is exactly orthogonal."""
 
     def __init__(self, params, basis):
-        self.params = {n: p for n, p in params.items() if p.ndim == 2 and p.shape[1] == basis.shape[0]}
+        self.params = {n: p for n, p in params.items() if n.endswith(KEYS_AND_VALUES)}   # by name: a square
+        # to_q or to_out has the context's width too, but does not read the context
         self.basis = basis
 
     def before_step(self):

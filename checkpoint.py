@@ -121,6 +121,20 @@ def load_training_state(path):
     return tensors, {"state": state, "param_groups": json.loads(meta["param_groups"])}, meta
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # --dtype names
+
+
+def read_ledger(model):
+    """Every unlearning request the model went through, stored as JSON in its file's metadata:
+    {"steps": [{"concept", "kind", "anchor", "retain", "hparams", "metrics", "delta"}, ...]}."""
+    return json.loads(model.meta.get("duge.ledger", '{"steps": []}'))
+
+
+def forgotten(model):
+    """The concepts the model was asked to forget, in order."""
+    return [s["concept"] for s in read_ledger(model)["steps"]]
+
+
 def check_writable(path):
     """Fail before any work if the output folder cannot be made or written (nothing is created)."""
     folder = Path(path).resolve().parent
@@ -632,7 +646,6 @@ def _write_diffusers(model, folder, meta, cast):
 # The command line: convert once, then load the clean file every time.
 
 def main(argv=None):
-    from sample import DTYPES
     ap = argparse.ArgumentParser(prog="python -m checkpoint", description="Stable Diffusion v1 checkpoint tools.")
     sub = ap.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="rewrite a .ckpt / .safetensors / diffusers folder as a "

@@ -3,8 +3,8 @@
     python sample.py "a red circle in the style of van gogh"          # the toy model in weights/
     python sample.py "an astronaut riding a horse" --weights sd-v1-5.safetensors -n 4
 
-This file is the one place the diffusion schedule lives; duge.py and the toy-world training
-import `add_noise` and `alphas_cumprod` from here.
+This file is the one place the diffusion schedule lives; the training loop (trainer.py), the toy
+world's training and the probes import `add_noise` from here.
 
 References
 - DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (Algorithm 2, ancestral sampling).
@@ -345,9 +345,6 @@ def pick_device(name=None):
     return torch.device("cpu")
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def main(argv=None):
     import checkpoint
     ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 model "
@@ -368,7 +365,7 @@ def main(argv=None):
     ap.add_argument("--negative", default="", help="negative prompt (replaces the empty unconditional prompt)")
     ap.add_argument("--out", default="out/sample.png", help="the grid (PNG)")
     ap.add_argument("--separate", action="store_true", help="also write one PNG per image")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (None: fp32 "
+    ap.add_argument("--dtype", default=None, choices=sorted(checkpoint.DTYPES), help="compute dtype (None: fp32 "
                                                                           "on CPU, fp16 on GPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (None: autodetect)")
     args = ap.parse_args(argv)
@@ -387,7 +384,7 @@ def main(argv=None):
         check_numbers(args.guidance if args.guidance is not None else 1.0, args.eta)
         checkpoint.check_writable(args.out)  # before any work
         device = pick_device(args.device)
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+        dtype = checkpoint.DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
         model = checkpoint.load(args.weights, device=device, dtype=dtype)
         guidance = args.guidance if args.guidance is not None else model.guidance
         rows = []
