@@ -475,6 +475,15 @@ def load_diffusers(path, device="cpu", dtype=torch.float32, variant=None, verbos
                            guidance=stored.get("guidance", 7.5), source=str(path), format="diffusers")
 
 
+def unet_from_diffusers_tensors(cfg, sd):
+    """Our UNet holding a diffusers UNet2DConditionModel's state dict (strict, shared storage: no copy)."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    model.load_state_dict({ours: sd[theirs] for ours, theirs in unet_diffusers_key_map(cfg).items()},
+                          strict=True, assign=True)
+    return model.eval()
+
+
 def read_tokenizer(folder):
     """The folder's CLIP tokenizer (clip_text reads both HF layouts); no folder: OpenAI's."""
     try:

@@ -284,9 +284,8 @@ def main(argv=None):
         device = distributed.init(sample.pick_device(args.device))  # torchrun: this process's device
         clip = load_clip(args.clip, device=device)
         model = checkpoint.load(args.weights, device=device)
-        ledger = json.loads(model.meta.get("duge.ledger", '{"steps": []}'))
         gone = ([c.strip().lower() for c in args.forgotten.split(",") if c.strip()] if args.forgotten is not None
-                else [s["concept"] for s in ledger["steps"]])
+                else checkpoint.forgotten(model))
         base = checkpoint.load(args.base, device=device) if args.base else model
         swap = base_swap(model, base)
         r = evaluate(model, clip, gone, args.n, swap, None, args.steps)

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-import duge
+import request
 import sample
+import trainer
 
 PROBES = ("paraphrase", "misspelling", "inversion1", "inversion4", "context", "complete500", "complete800", "relearn")
 PLACEHOLDER = "*"  # the word whose token embedding textual inversion replaces
@@ -185,7 +186,7 @@ def relearn(model, world, concept, exclude, cfg, seeds, pairs, own):
     x0 = sample.generate(model, prompts, steps=cfg.steps, guidance=model.guidance, seed=cfg.seed, decode=False)
     ctx = sample.encode_prompts(model, prompts)
     named = dict(model.unet.named_parameters())
-    names = duge.trainable_names(model.unet, "kv")
+    names = trainer.trainable_names(model.unet, "kv")
     saved = {n: named[n].detach().clone() for n in names}
     try:
         learn([named[n].requires_grad_(True) for n in names],
@@ -266,7 +267,6 @@ def table(results):
 
 
 def main(argv=None):
-    import train
     ap = argparse.ArgumentParser(description="Probe an unlearned model: does a forgotten concept come back?",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", required=True, help="the unlearned model (its ledger names the concepts)")
@@ -282,21 +282,21 @@ def main(argv=None):
         probes = [p.strip() for p in args.probes.split(",") if p.strip()]
         bad = [p for p in probes if p not in PROBES]
         if bad or not probes:
-            raise train.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(PROBES)}")
+            raise request.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(PROBES)}")
         if args.n < 1:
-            raise train.UserError(f"-n {args.n}: must be positive")
+            raise request.UserError(f"-n {args.n}: must be positive")
         model = checkpoint.load(args.weights, device=sample.pick_device(args.device))
-        toy = train.is_toy(model)
+        toy = request.is_toy(model)
         if not toy and args.clip is None:
-            raise train.UserError("real SD needs --clip FOLDER (the CLIP model that recognises concepts)")
-        ledger = train.read_ledger(model)
-        gone = ([c.strip().lower() for c in args.concepts.split(",")] if args.concepts else train.forgotten(ledger))
+            raise request.UserError("real SD needs --clip FOLDER (the CLIP model that recognises concepts)")
+        gone = ([c.strip().lower() for c in args.concepts.split(",")] if args.concepts else checkpoint.forgotten(model))
         if not gone:
-            raise train.UserError(f"{args.weights} has forgotten nothing; pass --concepts")
-        world = train.concept_source(model, 0)
+            raise request.UserError(f"{args.weights} has forgotten nothing; pass --concepts")
+        from toy.concepts import for_model   # the toy world's concepts, or real SD's
+        world = for_model(model)
         for c in gone:
             world.kind(c)
-        phi0 = train.load_phi0(model, ledger, argparse.Namespace(base=args.base))
+        phi0 = request.load_phi0(model, args.base)
         cfg = ProbeConfig(n=args.n, steps=8 if toy else 20)
         if toy:
             recognised = toy_scorer()
@@ -304,8 +304,8 @@ def main(argv=None):
             from clip_vision import load_clip
             recognised = clip_scorer(load_clip(args.clip, device=sample.pick_device(args.device)), world)
         out = Path(args.out) if args.out else Path(str(args.weights).removesuffix(".safetensors") + ".probe")
-        results = run(model, phi0.applied, world, gone, probes, cfg, recognised, forgotten=train.forgotten(ledger))
-    except (train.UserError, checkpoint.CheckpointError, ValueError) as e:
+        results = run(model, phi0.applied, world, gone, probes, cfg, recognised, forgotten=checkpoint.forgotten(model))
+    except (request.UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with checkpoint.atomic_path(Path(f"{out}.json")) as tmp:

@@ -139,15 +139,6 @@ def new_method(name, cfg, own, guidance):
     return METHODS[name](own[0]) if name in ("esd", "uce") else METHODS[name]()   # CA, finetune: no settings
 
 
-def concept_source(model, seed):
-    """The concepts a model knows and their prompts: the toy world's, or real SD's (concepts.py)."""
-    if request.is_toy(model):
-        from toy.concepts import ToyConcepts
-        return ToyConcepts(seed)
-    import concepts
-    return concepts.SDConcepts()
-
-
 def output_models(args, model, world):
     """The requests and the output model of each, checked before any work."""
     gone, outs = checkpoint.forgotten(model), []
@@ -262,7 +253,8 @@ def main(argv=None, started=None):
         model.to(dtype=checkpoint.DTYPES[args.dtype])                      # ...and the compute dtype
         cfg, own = configs(args, request.is_toy(model))
         args.guidance = args.guidance or model.guidance
-        world = concept_source(model, cfg.seed)
+        from toy.concepts import for_model   # the toy world's concepts, or real SD's (concepts.py)
+        world = for_model(model, cfg.seed)
         if args.clip is not None:  # loaded before any work: a wrong folder fails here, in one line
             from clip_vision import load_clip
             args.clip_model = load_clip(args.clip, device=device)

@@ -10,7 +10,7 @@ the same machine, so a busy or slow machine shifts both sides alike.
   loaded into our unet.UNet through unet.diffusers_key_map (strict), so both run identical tensors.
   The DDIM step is sample.guided_eps + sample.ddim_sample (steps=1) against diffusers'
   DDIMScheduler configured as CompVis (Song et al. 2021; Ho & Salimans 2022 for the guidance).
-- memory: one step of duge.losses (theta call on 3 images, phi_0 call on 2 with the original
+- memory: one step of DUGE's loss (theta call on 3 images, phi_0 call on 2 with the original
   tensors swapped in) against one plain diffusion-loss step on 3 images, and against a naive
   phi_0 that deep-copies the UNet, as ESD's code (Gandikota et al. 2023) holds a frozen second
   model. (Concept Ablation's code, Kumari et al. 2023, takes its target from the same UNet.)
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import checkpoint
 import duge
 import sample
-from tests.common import unet_from_diffusers
+import trainer
 from unet import UNet, UNetConfig
 
 SD = UNetConfig()
@@ -147,7 +147,7 @@ def random_sd_unet(seed=0):
 class CopiedOriginal:
     """The naive phi_0: a deep copy of the whole UNet, frozen. The forward pre-hooks that
     duge.AttentionRecorder puts on the live UNet's attn2.to_out are shared with the copy's, so
-    duge.losses records A^l from it and runs unchanged."""
+    DUGE's loss records A^l from it and runs unchanged."""
 
     def __init__(self, unet):
         self.unet = unet
@@ -186,7 +186,7 @@ def run_speed_one(impl, dtype_name, size, repeats, warmup, device, out_path):
     base = memory_now(device)
     ref = diffusers_sd_unet()
     if impl == "ours":
-        model = unet_from_diffusers(SD, ref)
+        model = checkpoint.unet_from_diffusers_tensors(SD, ref.state_dict())
         del ref
     else:
         model = ref
@@ -248,7 +248,7 @@ def run_step_one(variant, device):
     clean = reset_peak(device)
     t0 = time.perf_counter()
 
-    names = duge.trainable_names(unet, "kv")
+    names = trainer.trainable_names(unet, "kv")
     named = dict(unet.named_parameters())
     unet.requires_grad_(False)
     params = {n: named[n] for n in names}
@@ -266,18 +266,18 @@ def run_step_one(variant, device):
         loss = F.mse_loss(unet(sample.add_noise(x0, noise, t), t, c), noise)
     else:
         if variant == "duge":
-            attn2 = duge.trainable_names(unet, "attn2")
-            phi0 = duge.Original(unet, {n: p for n, p in unet.named_parameters() if n in attn2})
+            attn2 = trainer.trainable_names(unet, "attn2")
+            phi0 = trainer.Original(unet, {n: p for n, p in unet.named_parameters() if n in attn2})
         else:
             phi0 = CopiedOriginal(unet)
         (x_a, c_target), (_, c_anchor) = train_batch(1, g), train_batch(1, g)
         x_r, c_r = train_batch(1, g)
         x_m, c_m = train_batch(1, g)
-        batch = {"x_a": x_a, "c_target": c_target, "c_anchor": c_anchor, "x_r": x_r, "c_r": c_r,
-                 "x_m": x_m, "c_m": c_m}
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, logs = duge.losses(unet, phi0, params, duge.with_noise(batch, torch.Generator().manual_seed(0)),
-                                 duge.DugeConfig())
+        data = {"unlearn": {"x": x_a, "c_target": c_target, "c_anchor": c_anchor}, "prior": {"x": x_r, "c": c_r},
+                "memory": {"x": x_m, "c": c_m}}
+        data = {k: {n: v.to(device) for n, v in d.items()} for k, d in data.items()}
+        batch = trainer.draw_batch(data, 1, torch.Generator().manual_seed(0))
+        loss, logs = duge.Duge(duge.DugeConfig()).loss(unet, phi0, batch)
     loss.backward()
     grad_norm = torch.stack([p.grad.norm() for p in params.values()]).norm().item()
     opt.step()
@@ -315,16 +315,16 @@ def run_request_one(config, device):
         gc.collect()
         before, clean = memory_now(device), reset_peak(device)
         t0 = time.perf_counter()
-        attn2 = duge.trainable_names(unet, "attn2")
-        phi0 = duge.Original(unet, {n: p for n, p in unet.named_parameters() if n in attn2})
+        attn2 = trainer.trainable_names(unet, "attn2")
+        phi0 = trainer.Original(unet, {n: p for n, p in unet.named_parameters() if n in attn2})
         g, n = torch.Generator().manual_seed(0), int(b)
         x = lambda: torch.randn(n, 4, 64, 64, generator=g).to(device)
         c = lambda: torch.randn(n, 77, 768, generator=g).to(device)
-        data = {"anchor": {"x": x(), "c_target": c(), "c_anchor": c()}, "related": {"x": x(), "c": c()},
+        data = {"unlearn": {"x": x(), "c_target": c(), "c_anchor": c()}, "prior": {"x": x(), "c": c()},
                 "memory": {"x": x(), "c": c()}}
-        cfg = duge.DugeConfig(steps=1, lr=1e-5, batch=n, micro_batch=int(mb), checkpointing=ckpt == "1",
-                              autocast=autocast)
-        out = duge.unlearn(unet, phi0, data, cfg, progress=False)[0]
+        cfg = trainer.TrainConfig(steps=1, lr=1e-5, batch=n, micro_batch=int(mb), checkpointing=ckpt == "1",
+                                  autocast=autocast)
+        out = trainer.unlearn(unet, duge.Duge(duge.DugeConfig()), phi0, data, cfg, progress=False)[0]
     sync(device)
     top = peak(device)
     return {**out, "peak_mb": top - base, "resident_mb": before - base, "clean_peak": clean,
@@ -439,7 +439,7 @@ def memory(args):
         res[variant] = child(args, "memory", variant)
         print(f"  ran {variant}: {res[variant]['seconds']:.0f} s", flush=True)
     what = {"plain": "plain kv fine-tuning, 3 images: mse(unet(x_t, t, c), eps)",
-            "duge": "DUGE (duge.losses): theta on 3 images, phi_0 swapped in on 2",
+            "duge": "DUGE (duge.Duge.loss): theta on 3 images, phi_0 swapped in on 2",
             "naive": "DUGE with phi_0 = deep copy of the UNet"}
     print(f"\n| step | peak MiB | UNet MiB | step MiB | vs plain (peak) | vs plain (step) | loss | grad norm |")
     print("|---|---|---|---|---|---|---|---|")

@@ -24,52 +24,51 @@ from pathlib import Path
 from tqdm import tqdm
 
 import checkpoint
+import request
 import sample
 import train
 
-# Each variant's train.py flags. The baselines' strengths were chosen once, on the first request
-# alone, as the mildest setting that forgets it to <= 10% (README, "The continual benchmark").
+# Every named variant: a method and its train.py flags, and what it tests (`--list` prints this table).
+# The baselines' strengths were chosen once, on the first request alone, as the mildest setting that
+# forgets it to <= 10% (--calibrate; docs/results.md).
+ROBUST = ["--trainable", "attn2", "--adversarial", "5"]   # the robust variant's attack, on every attn2 tensor
 VARIANTS = {
-    "duge": [],
-    "duge-no-reg": ["--lambda-reg", "0"],          # R_pr off: no distillation towards phi_0 on the memory
-    "duge-no-pr": ["--lambda-pr", "0"],            # L_pr off: no plain diffusion loss on related concepts
-    "duge-no-replay": ["--no-replay"],             # earlier concepts not replayed in L_U
-    "duge+gp": ["--gp"],                           # CUIG's gradient projection on top
-    "duge-paper": ["--recipe", "paper"],           # DUGE as the paper is described (duge.RECIPES)
-    "duge-paper-cal": ["--recipe", "paper"],       # the same, its strength chosen as the baselines' (--calibrate)
-    # each of the paper's departures alone on our first reconstruction (L_pr on the related concepts'
-    # images), the default when they were measured; its fifth, L_pr on the memory bank, is now the default
-    "duge+related-prior": ["--prior", "related"],
-    "duge+phin": ["--prior", "related", "--reference", "phin"],
-    "duge+uncond": ["--prior", "related", "--target", "uncond"],
-    "duge+maps": ["--prior", "related", "--attention", "maps"],
-    "duge+l2": ["--prior", "related", "--regulariser", "l2"],
-    "duge-related-no-replay": ["--prior", "related", "--no-replay"],
-    # the robust variant (adversarial.py): an attacker's context unlearned too; trained sets and weights tried
-    # (README, "Is it really gone?")
-    "duge+robust": ["--trainable", "unet", "--adversarial", "5"],
-    "duge+robust-lr3e-4": ["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"],
-    "duge+robust-attn2": ["--trainable", "attn2", "--adversarial", "5"],   # the same attack, attn2 only
-    "duge+robust-lr-rest": ["--trainable", "unet", "--adversarial", "5", "--lr-rest", "1e-4"],
-    "duge+robust-attn2-adv3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "3"],
-    "duge+robust-attn2-adv3-reg3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "3",
-                                    "--lambda-reg", "3"],
-    "duge+robust-attn2-adv5-reg3": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
-                                    "--lambda-reg", "3"],
-    "duge+robust-attn2-adv5-reg5": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
-                                    "--lambda-reg", "5"],
-    "duge+robust-attn2-adv5-reg5-comp": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
-                                         "--lambda-reg", "5", "--completion", "1"],
-    # the two closest to the goal at the 100 steps they were first measured with (the toy default is now 60)
-    "duge+robust-attn2-adv5-reg3-s100": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
-                                         "--lambda-reg", "3", "--steps", "100"],
-    "duge+robust-attn2-adv5-reg5-s100": ["--trainable", "attn2", "--adversarial", "5", "--lambda-adv", "5",
-                                         "--lambda-reg", "5", "--steps", "100"],
-    "esd": ["--method", "esd"],
-    "ca": ["--method", "ca"],
-    "uce": ["--method", "uce"],
-    "finetune": ["--method", "finetune"],
-    "finetune+gp": ["--method", "finetune", "--gp"],
+    "duge": ([], "DUGE, defaults"),
+    "duge-no-reg": (["--lambda-reg", "0"], "ablation: R_pr off, no distillation towards phi_0 on the memory"),
+    "duge-no-pr": (["--lambda-pr", "0"], "ablation: L_pr off, no diffusion loss on the memory bank"),
+    "duge-no-replay": (["--no-replay"], "ablation: earlier concepts not replayed in L_U"),
+    "duge+gp": (["--gp"], "DUGE with CUIG's gradient projection"),
+    "duge-paper": (["--recipe", "paper"], "DUGE as the paper is described (duge.RECIPES)"),
+    "duge-paper-cal": (["--recipe", "paper"], "the same, its strength chosen as the baselines' (--calibrate)"),
+    # each of the paper's departures alone on our first reconstruction (L_pr on the related concepts' images,
+    # the default when they were measured; the fifth, L_pr on the memory bank, is the default now)
+    "duge+related-prior": (["--prior", "related"], "our first reconstruction: L_pr on the related concepts"),
+    "duge+phin": (["--prior", "related", "--reference", "phin"], "... with phi_n as the frozen reference"),
+    "duge+uncond": (["--prior", "related", "--target", "uncond"], "... with the empty prompt as L_U's target"),
+    "duge+maps": (["--prior", "related", "--attention", "maps"], "... with L_U on the attention maps"),
+    "duge+l2": (["--prior", "related", "--regulariser", "l2"], "... with R_pr a parameter pull"),
+    "duge-related-no-replay": (["--prior", "related", "--no-replay"], "... without replay"),
+    # the robust variant (adversarial.py): trained sets and weights tried (docs/probes_and_robust.md)
+    "duge+robust": (["--trainable", "unet", "--adversarial", "5"], "robust: the whole UNet against the attack"),
+    "duge+robust-lr3e-4": (["--trainable", "unet", "--adversarial", "5", "--lr", "3e-4"], "... at lr 3e-4"),
+    "duge+robust-lr-rest": (["--trainable", "unet", "--adversarial", "5", "--lr-rest", "1e-4"],
+                            "... the tensors outside keys and values at lr 1e-4"),
+    "duge+robust-attn2": (ROBUST, "robust: every attn2 tensor against the attack"),
+    "duge+robust-attn2-adv3": (ROBUST + ["--lambda-adv", "3"], "... L_adv weighted 3"),
+    "duge+robust-attn2-adv3-reg3": (ROBUST + ["--lambda-adv", "3", "--lambda-reg", "3"], "... and R_pr 3"),
+    "duge+robust-attn2-adv5-reg3": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "3"], "... L_adv 5, R_pr 3"),
+    "duge+robust-attn2-adv5-reg5": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "5"], "... L_adv 5, R_pr 5"),
+    "duge+robust-attn2-adv5-reg5-comp": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "5", "--completion", "1"],
+                                         "... and the completion term"),
+    "duge+robust-attn2-adv5-reg3-s100": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "3", "--steps", "100"],
+                                         "... L_adv 5, R_pr 3 at 100 steps"),
+    "duge+robust-attn2-adv5-reg5-s100": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "5", "--steps", "100"],
+                                         "... L_adv 5, R_pr 5 at 100 steps"),
+    "esd": (["--method", "esd"], "ESD-x (baselines.py)"),
+    "ca": (["--method", "ca"], "Concept Ablation"),
+    "uce": (["--method", "uce"], "UCE"),
+    "finetune": (["--method", "finetune"], "plain fine-tuning"),
+    "finetune+gp": (["--method", "finetune", "--gp"], "fine-tuning with CUIG's gradient projection"),
 }
 SEQUENCES = {
     "styles": ["van gogh", "monet", "picasso", "mondrian", "hokusai", "pollock", "klimt", "kandinsky", "rothko",
@@ -106,7 +105,7 @@ def calibrate(methods, concept, outdir, n, extra):
     for m in [m for m in methods if m in STRENGTHS]:
         for flags in STRENGTHS[m]:
             out = outdir / "calibrate" / m / f"{'-'.join(flags).strip('-')}.safetensors"
-            if not out.exists() and train.main(["--forget", concept, "--out", str(out), *VARIANTS[m], *flags,
+            if not out.exists() and train.main(["--forget", concept, "--out", str(out), *VARIANTS[m][0], *flags,
                                                "--no-eval", "--no-grid", *extra]) != 0:
                 raise SystemExit(f"calibration of {m} with {' '.join(flags)} failed")
             acc = forget_accuracy(out, concept, n)
@@ -126,11 +125,11 @@ def run_variant(name, concepts, outdir, extra, bar):
     """The requests of one variant, each on the previous output; -> one row per step."""
     weights, rows = str(checkpoint.TOY_WEIGHTS), []
     for k, c in enumerate(concepts, 1):
-        out = outdir / name / f"step{k:02d}-{train.slug(c)}.safetensors"
+        out = outdir / name / f"step{k:02d}-{request.slug(c)}.safetensors"
         bar.set_description(f"{name}: {k} {c}")
         t = time.time()
         if not out.exists():  # a finished step is kept: rerunning the command resumes after it
-            argv = ["--forget", c, "--weights", weights, "--out", str(out), *VARIANTS[name], *extra, "--resume"]
+            argv = ["--forget", c, "--weights", weights, "--out", str(out), *VARIANTS[name][0], *extra, "--resume"]
             if train.main(argv) != 0:
                 raise SystemExit(f"{name}: request {k} ({c}) failed; rerun the same command to resume")
         m = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"][-1]["metrics"]
@@ -258,7 +257,10 @@ def plot(rows, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="The continual-unlearning benchmark in the toy world.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--methods", default="duge,esd,ca,uce,finetune", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--methods", default="duge,esd,ca,uce,finetune", help="comma-separated variants (--list)")
+    ap.add_argument("--list", action="store_true", help="print every named variant, its flags and what it tests")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="an ad-hoc variant, e.g. --variant \"reg3=--lambda-reg 3\" (then use it in --methods)")
     ap.add_argument("--sequence", default="styles",
                     help=f"{' or '.join(SEQUENCES)}, or comma-separated concepts in order")
     ap.add_argument("--eval-n", type=int, default=32, help="images per style in each evaluation")
@@ -269,11 +271,20 @@ def main(argv=None):
                     help="first choose each baseline's strength on the first request alone (the mildest that "
                          "forgets it to <= 10%%); later runs read it from OUT/calibration.json")
     args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(f"{name:36} {' '.join(flags) or '(defaults)':60} {why}" for name, (flags, why) in VARIANTS.items()))
+        return 0
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name.strip() or not flags.strip():
+            print(f"error: --variant {spec!r}: write NAME=FLAGS, e.g. \"reg3=--lambda-reg 3\"", file=sys.stderr)
+            return 2
+        VARIANTS[name.strip()] = (flags.split(), "ad hoc")
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     concepts = SEQUENCES.get(args.sequence) or [c.strip().lower() for c in args.sequence.split(",") if c.strip()]
     if unknown or not variants:
-        print(f"error: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}",
+        print(f"error: unknown variant {', '.join(unknown) or '(none)'}; --list shows them, --variant adds one",
               file=sys.stderr)
         return 2
     if args.eval_n < 1:
@@ -286,7 +297,7 @@ def main(argv=None):
         print("\n".join(table))
     saved = out / "calibration.json"
     for m, flags in (json.loads(saved.read_text()) if saved.exists() else {}).items():
-        VARIANTS[m] = VARIANTS[m] + flags
+        VARIANTS[m] = (VARIANTS[m][0] + flags, VARIANTS[m][1])
     rows = []
     with tqdm(total=len(variants) * len(concepts), desc="benchmark", unit="request") as bar:
         for v in variants:

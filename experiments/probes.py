@@ -17,7 +17,8 @@ from pathlib import Path
 
 import checkpoint
 import probe
-import train
+import request
+from toy.concepts import for_model
 from experiments.benchmark import COLOURS, SEQUENCES
 
 
@@ -25,7 +26,7 @@ def model_path(out, method, step):
     found = sorted((Path(out) / method).glob(f"step{step:02d}-*.safetensors"))
     found = [p for p in found if not p.name.endswith((".delta.safetensors", ".resume.safetensors"))]
     if not found:
-        raise train.UserError(f"no model of {method} after request {step} in {out}/{method}; run "
+        raise request.UserError(f"no model of {method} after request {step} in {out}/{method}; run "
                               f"`python -m experiments.benchmark --methods {method}` first")
     return found[0]
 
@@ -38,14 +39,13 @@ def probe_method(method, path, concepts, probes, cfg, recognised, base_results, 
     if not todo:
         return done
     model = checkpoint.load(path)
-    ledger = train.read_ledger(model)
-    missing = [c for c in concepts if c not in train.forgotten(ledger)]
+    missing = [c for c in concepts if c not in checkpoint.forgotten(model)]
     if missing:
-        raise train.UserError(f"{path} has not forgotten {', '.join(missing)} (its ledger: "
-                              f"{', '.join(train.forgotten(ledger))})")
-    phi0 = train.load_phi0(model, ledger, argparse.Namespace(base=None))
-    results = probe.run(model, phi0.applied, train.concept_source(model, 0), concepts, todo, cfg, recognised,
-                        base_results, forgotten=train.forgotten(ledger))
+        raise request.UserError(f"{path} has not forgotten {', '.join(missing)} (its ledger: "
+                              f"{', '.join(checkpoint.forgotten(model))})")
+    phi0 = request.load_phi0(model)
+    results = probe.run(model, phi0.applied, for_model(model), concepts, todo, cfg, recognised,
+                        base_results, forgotten=checkpoint.forgotten(model))
     results = {c: {**done.get(c, {}), **results[c]} for c in concepts}
     with checkpoint.atomic_path(keep) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
@@ -111,9 +111,9 @@ def main(argv=None):
         probes = [p.strip() for p in args.probes.split(",") if p.strip()]
         bad = [p for p in probes if p not in probe.PROBES]
         if bad or not probes or not methods:
-            raise train.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(probe.PROBES)}")
+            raise request.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(probe.PROBES)}")
         if args.n < 1 or args.step < 1:
-            raise train.UserError(f"-n {args.n} / --step {args.step}: must be positive")
+            raise request.UserError(f"-n {args.n} / --step {args.step}: must be positive")
         first = SEQUENCES.get(args.sequence, [c.strip() for c in args.sequence.split(",")])[0]
         concepts = [c.strip().lower() for c in args.concepts.split(",") if c.strip()] if args.concepts else [first]
         paths = {m: model_path(args.out, m, args.step) for m in methods}   # every model found before any work
@@ -123,12 +123,12 @@ def main(argv=None):
         base_results = json.loads(base_file.read_text()) if base_file.exists() else {}
         by_method = {}
         for m in methods:
-            tag = f"{m}-step{args.step:02d}-n{args.n}-{'-'.join(train.slug(c) for c in concepts)}"
+            tag = f"{m}-step{args.step:02d}-n{args.n}-{'-'.join(request.slug(c) for c in concepts)}"
             by_method[m] = probe_method(m, paths[m], concepts, probes, cfg, recognised, base_results,
                                         keep / f"{tag}.json")
             with checkpoint.atomic_path(base_file) as tmp:
                 tmp.write_text(json.dumps(base_results, indent=1))
-    except (train.UserError, checkpoint.CheckpointError, ValueError) as e:
+    except (request.UserError, checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     docs = Path(args.docs)

@@ -1,10 +1,11 @@
-"""What several test files (and experiments/bench.py) share: the tiny UNet config, and our models
+"""What several test files share: the tiny UNet config, and our models
 built on the tensors of their diffusers twins. Test-only: diffusers is never imported here; the
 reference models are built by the caller."""
 import torch
 
+import checkpoint
 import vae
-from unet import UNet, UNetConfig, diffusers_key_map
+from unet import UNetConfig
 
 # two levels, attention at both, 2 heads: every code path of the SD v1 UNet in milliseconds
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
@@ -13,12 +14,7 @@ TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
 
 def unet_from_diffusers(cfg, ref):
     """Our UNet holding the diffusers model's tensors (strict load, shared storage: no copy)."""
-    sd = ref.state_dict()
-    with torch.device("meta"):
-        model = UNet(cfg)
-    model.load_state_dict({ours: sd[theirs] for ours, theirs in diffusers_key_map(cfg).items()},
-                          strict=True, assign=True)
-    return model.eval()
+    return checkpoint.unet_from_diffusers_tensors(cfg, ref.state_dict())
 
 
 def vae_from_diffusers(cfg, ref):

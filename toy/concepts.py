@@ -1,8 +1,15 @@
-"""The toy world's concepts and prompts for train.py: the same four methods as
+"""The toy world's concepts and prompts for train.py and probe.py: the same four methods as
 concepts.SDConcepts, filled from the generator's own lists and caption templates."""
 import numpy as np
 
+import concepts
 from toy import world
+
+
+def for_model(model, seed=0):
+    """The concepts a model knows: this world's for the toy model (its file brings its own tokenizer),
+    real SD's (concepts.SDConcepts) for any other."""
+    return ToyConcepts(seed) if "duge.tokenizer" in model.meta else concepts.SDConcepts()
 
 
 class ToyConcepts:
