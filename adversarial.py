@@ -66,6 +66,11 @@ class ContextAdversary:
         self.ctx, self.fresh = ctx.detach(), False
         return self.ctx
 
+    def load(self, state):
+        """Continue from a resume point's context (RobustDuge.state)."""
+        if "adversary.context" in state:
+            self.ctx, self.fresh = state["adversary.context"].to(self.x), False
+
 
 class RobustDuge(Duge):
     """DUGE plus the attacker's term (and, with cfg.completion, the completion term)."""
@@ -86,8 +91,7 @@ class RobustDuge(Duge):
         if self.adversary is None:   # the context starts where the probe's does: the empty prompt's
             c = data["concept"]
             self.adversary = ContextAdversary(c["x"], c["c_empty"][:1], self.robust.adversarial, self.batch, self.seed)
-            if "adversary.context" in self.saved:
-                self.adversary.ctx, self.adversary.fresh = self.saved["adversary.context"].to(c["x"]), False
+            self.adversary.load(self.saved)
         self.c_adv = self.adversary(unet, step)
 
     def loss(self, unet, ref, batch):

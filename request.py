@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import signal
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,6 +155,7 @@ def train(model, method, req, cfg, resume_point=None, resume=False, progress=Tru
     start, opt_state, last = 0, None, []
     if resume and Path(resume_point).exists():
         start, opt_state, extra, last = load_resume(resume_point, model.unet, req.concept)
+        print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
         if hasattr(method, "load_state"):
             method.load_state(extra)
     projection = None

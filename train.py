@@ -198,10 +198,8 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
     else:
         print(f"  related concepts kept: {', '.join(req.plan.related) or '-'}; "
               + ", ".join(f"{len(d['x'])} {g}" for g, d in req.data.items()) + " images", file=sys.stderr)
-        if args.resume:
-            exists = paths["resume"].exists()
-            print(f"  {'resuming from' if exists else 'no resume point at'} {paths['resume']}"
-                  + ("" if exists else ": starting at step 0"), file=sys.stderr)
+        if args.resume and not paths["resume"].exists():
+            print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
         with phase("training"):
             history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume)
     metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1),

@@ -1,7 +1,6 @@
 """What several test files share: the tiny UNet config, and our models
 built on the tensors of their diffusers twins. Test-only: diffusers is never imported here; the
 reference models are built by the caller."""
-import torch
 
 import checkpoint
 import vae

@@ -1,38 +1,33 @@
 """baselines.py: ESD's and CA's targets are their formulas, UCE's edit does what its equation says,
 and the gradient projection leaves the update orthogonal to the protected subspace."""
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import baselines
-import duge
-from sample import add_noise
-from tests.test_duge import make_batch, tiny_unet
+import trainer
+from tests.test_duge import make_data, noised, tiny_unet
 
 
 def _setup(trainable="kv"):
     u = tiny_unet().requires_grad_(False)
     named = dict(u.named_parameters())
-    names = duge.trainable_names(u, trainable)
-    ref = duge.Original(u, {n: named[n] for n in names})
+    names = trainer.trainable_names(u, trainable)
+    ref = trainer.Original(u, {n: named[n] for n in names})
     with torch.no_grad():  # theta has moved away from the reference, as in any request after the first step
         for n in names:
             named[n].add_(0.05 * torch.randn_like(named[n]))
     params = {n: named[n].requires_grad_(True) for n in names}
-    batch = make_batch()
-    batch |= {"eps_a": torch.randn_like(batch["x_a"]), "t_a": torch.tensor([100, 700])}
-    return u, ref, params, batch
+    data = {"unlearn": make_data()["unlearn"]}
+    return u, ref, params, data, noised(data)
 
 
 def test_esd_target_is_negative_guidance_of_the_reference():
-    u, ref, params, batch = _setup("attn2")
-    cfg = duge.DugeConfig(esd_eta=1.5, gamma=0.0)
-    loss, _ = baselines.esd_loss(u, ref, params, batch, cfg, original=ref.tensors)
-    x_t = add_noise(batch["x_a"], batch["eps_a"], batch["t_a"])
-    e_u, e_c = ref(x_t, batch["t_a"], batch["c_anchor"]), ref(x_t, batch["t_a"], batch["c_target"])
-    want = F.mse_loss(u(x_t, batch["t_a"], batch["c_target"]), e_u - 1.5 * (e_c - e_u))
+    u, ref, params, _, batch = _setup("attn2")
+    loss, _ = baselines.Esd(baselines.BaselineConfig(esd_eta=1.5)).loss(u, ref, batch)
+    b = batch["unlearn"]
+    e_u, e_c = ref(b["x_t"], b["t"], b["c_anchor"]), ref(b["x_t"], b["t"], b["c_target"])
+    want = F.mse_loss(u(b["x_t"], b["t"], b["c_target"]), e_u - 1.5 * (e_c - e_u))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert e_u.sub(e_c).abs().max() > 1e-3                               # the two predictions differ
     loss.backward()                                                      # and only theta gets gradients
@@ -40,22 +35,24 @@ def test_esd_target_is_negative_guidance_of_the_reference():
 
 
 def test_ca_target_is_the_reference_on_the_anchor_prompt_plus_anchor_prior():
-    u, ref, params, batch = _setup()
-    cfg = duge.DugeConfig()
-    loss, logs = baselines.ca_loss(u, ref, params, batch, cfg, original=ref.tensors)
-    x_t = add_noise(batch["x_a"], batch["eps_a"], batch["t_a"])
-    ablate = F.mse_loss(u(x_t, batch["t_a"], batch["c_target"]), ref(x_t, batch["t_a"], batch["c_anchor"]))
-    prior = F.mse_loss(u(x_t, batch["t_a"], batch["c_anchor"]), batch["eps_a"])
+    u, ref, params, _, batch = _setup()
+    loss, logs = baselines.Ca().loss(u, ref, batch)
+    b = batch["unlearn"]
+    ablate = F.mse_loss(u(b["x_t"], b["t"], b["c_target"]), ref(b["x_t"], b["t"], b["c_anchor"]))
+    prior = F.mse_loss(u(b["x_t"], b["t"], b["c_anchor"]), b["eps"])
     assert logs["L_ca"] == pytest.approx(ablate.item(), rel=1e-5)
     assert loss.item() == pytest.approx(ablate.item() + prior.item(), rel=1e-5)
     # at theta = ref and c* = c^a the ablation term vanishes
     with ref.applied():
-        same = dict(batch, c_target=batch["c_anchor"])
-        assert baselines.ca_loss(u, ref, params, same, cfg)[1]["L_ca"] < 1e-10
-    # CUIG's L2 add-on adds gamma ||theta - theta_0||^2
-    l2 = sum(((p - ref.tensors[n]) ** 2).sum() for n, p in params.items()).item()
-    with_l2, _ = baselines.ca_loss(u, ref, params, batch, duge.DugeConfig(gamma=2.0), original=ref.tensors)
-    assert with_l2.item() == pytest.approx(loss.item() + 2.0 * l2, rel=1e-5)
+        same = {"unlearn": dict(b, c_target=b["c_anchor"])}
+        assert baselines.Ca().loss(u, ref, same)[1]["L_ca"] < 1e-10
+
+
+def test_finetune_is_the_plain_diffusion_loss_of_the_concept_prompt():
+    u, ref, params, _, batch = _setup()
+    loss, logs = baselines.Finetune().loss(u, ref, batch)
+    b = batch["unlearn"]
+    assert loss.item() == pytest.approx(F.mse_loss(u(b["x_t"], b["t"], b["c_target"]), b["eps"]).item(), rel=1e-6)
 
 
 def test_uce_maps_erased_embeddings_onto_their_anchors_and_keeps_the_preserved():
@@ -78,30 +75,36 @@ def test_uce_maps_erased_embeddings_onto_their_anchors_and_keeps_the_preserved()
 
 
 def test_gradient_projection_update_is_orthogonal_to_the_protected_subspace():
-    u, ref, params, batch = _setup()
+    u, ref, params, data, _ = _setup()
     protected = torch.randn(4, 16)                                   # 4 retained concepts' embeddings (D = 16)
     basis = baselines.protected_subspace(protected)
     assert basis.shape == (16, 4)
     torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
     before = {n: p.detach().clone() for n, p in params.items()}
-    cfg = duge.DugeConfig(steps=3, batch=2, lr=1e-2, method="finetune", gp=True)
-    data = {"anchor": {"x": batch["x_a"], "c_target": batch["c_target"], "c_anchor": batch["c_anchor"]}}
+    cfg = trainer.TrainConfig(steps=3, batch=2, lr=1e-2)
     proj = baselines.GradientProjection(params, basis)
-    duge.unlearn(u, ref, data, cfg, progress=False, projection=proj,
-                 loss_fn=functools.partial(baselines.finetune_loss, original=ref.tensors))
+    trainer.unlearn(u, baselines.Finetune(), ref, data, cfg, progress=False, projection=proj)
     for n, p in params.items():
         delta = p.detach() - before[n]
         assert delta.abs().max() > 1e-4                                # it trained
         assert (delta @ protected.T).abs().max() < 1e-5                 # W c unchanged for every c kept
     # without the projection the same training moves the protected directions
-    u2, ref2, params2, batch2 = _setup()
+    u2, ref2, params2, data2, _ = _setup()
     start = {n: p.detach().clone() for n, p in params2.items()}
-    duge.unlearn(u2, ref2, data, dataclasses_replace(cfg, gp=False), progress=False,
-                 loss_fn=functools.partial(baselines.finetune_loss, original=ref2.tensors))
+    trainer.unlearn(u2, baselines.Finetune(), ref2, data2, cfg, progress=False)
     moved = max(((p.detach() - start[n]) @ protected.T).abs().max().item() for n, p in params2.items())
     assert moved > 1e-3
 
 
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+def test_gradient_projection_picks_keys_and_values_by_name_on_the_toy_model():
+    """On the toy model to_q and to_out are square like to_k / to_v (128 x 128, the context's width):
+    the projection must take the tensors that read the context, by name, and leave the others alone."""
+    import checkpoint
+    unet = checkpoint.load(checkpoint.TOY_WEIGHTS).unet
+    named = dict(unet.named_parameters())
+    attn2 = {n: named[n] for n in trainer.trainable_names(unet, "attn2")}
+    width = unet.cfg.context_dim
+    square = [n for n, p in attn2.items() if p.ndim == 2 and p.shape[1] == width]
+    assert any(".to_q." in n or ".to_out." in n for n in square)        # the trap a shape test falls into
+    proj = baselines.GradientProjection(attn2, torch.eye(width)[:, :2])
+    assert sorted(proj.params) == sorted(trainer.trainable_names(unet, "kv"))

@@ -17,7 +17,7 @@ import distributed
 ROOT = Path(__file__).resolve().parent.parent
 # CI-size settings of a toy request: every phase runs (phi_0's images, training split over the ranks
 # by micro-batches of 1, evaluation, grid), in seconds
-SMALL = ["--forget", "van gogh", "--steps", "4", "--num-prompts", "1", "--images-per-prompt", "1", "--memory", "2",
+SMALL = ["--forget", "van gogh", "--steps", "4", "--num-prompts", "1", "--images-per-prompt", "1", "--generic", "2",
          "--gen-steps", "2", "--num-related", "1", "--batch", "2", "--eval-n", "1"]
 
 

@@ -38,7 +38,7 @@ def run(*args, cwd):
                           timeout=900)
 
 
-FAST = ["--steps", "2", "--num-prompts", "1", "--images-per-prompt", "1", "--memory", "2", "--gen-steps", "2",
+FAST = ["--steps", "2", "--num-prompts", "1", "--images-per-prompt", "1", "--generic", "2", "--gen-steps", "2",
         "--num-related", "1", "--batch", "1"]
 
 
@@ -93,15 +93,16 @@ def test_two_requests_build_the_ledger(tmp_path):
 def interrupted_then_resumed(train, monkeypatch, args, out):
     """Ctrl-C right after the first resume point is written (step 50): exit 130, no model, a resume
     file and nothing half-written; then --resume finishes the run and removes the resume file."""
-    save = train.save_resume
+    import request
+    save = request.save_resume
     def save_then_interrupt(*a, **k):
         save(*a, **k)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_resume", save_then_interrupt)
+    monkeypatch.setattr(request, "save_resume", save_then_interrupt)
     assert train.main(args + ["--out", str(out)]) == 130
     resume = out.with_name(out.name.removesuffix(".safetensors") + ".resume.safetensors")
     assert not out.exists() and resume.exists() and not list(out.parent.glob("*.tmp"))
-    monkeypatch.setattr(train, "save_resume", save)
+    monkeypatch.setattr(request, "save_resume", save)
     assert train.main(args + ["--out", str(out), "--resume"]) == 0
     assert not resume.exists()
 
@@ -220,13 +221,13 @@ def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_pat
     args = ["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "12", "--cache", str(tmp_path / "cache")]
     assert train.main(args + ["--out", str(tmp_path / "full.safetensors")]) == 0
 
-    losses, calls = duge.losses, []
+    losses, calls = duge.Duge.loss, []
     def losses_then_sigint(*a, **k):
         calls.append(1)
         if len(calls) == 5:
             os.kill(os.getpid(), signal.SIGINT)  # arrives inside step 5 (index 4)
         return losses(*a, **k)
-    monkeypatch.setattr(duge, "losses", losses_then_sigint)
+    monkeypatch.setattr(duge.Duge, "loss", losses_then_sigint)
     out = tmp_path / "cut.safetensors"
     capsys.readouterr()
     assert train.main(args + ["--out", str(out)]) == 130
@@ -237,7 +238,7 @@ def test_sigint_mid_training_writes_the_resume_point_and_resumes_exactly(tmp_pat
     with safe_open(str(tmp_path / "cut.resume.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "5"
 
-    monkeypatch.setattr(duge, "losses", losses)
+    monkeypatch.setattr(duge.Duge, "loss", losses)
     assert train.main(args + ["--out", str(out), "--resume"]) == 0
     assert "resuming at step 5 of 12" in capsys.readouterr().err
     full, cut = (dict(checkpoint.load(p).unet.named_parameters()) for p in (tmp_path / "full.safetensors", out))
@@ -302,7 +303,7 @@ def test_grid_of_a_later_request_shows_this_concept(tmp_path):
     from toy.concepts import ToyConcepts
     world = ToyConcepts(0)
     ledger = {"steps": [{"concept": "van gogh", "anchor": "", "kind": "style", "retain": []}]}
-    plan = duge.recipe(ledger, "monet", "", "style", world.candidates, lambda pool: pool[:2])
+    plan = duge.plan(ledger, "monet", "", "style", world.candidates, lambda pool: pool[:2])
     rows = train.grid_rows(world, plan, "monet")
     assert all("monet" in p and "forgotten now" in label for p, label in rows[:2])
     assert "van gogh" in rows[2][0] and "replayed" in rows[2][1]
@@ -317,18 +318,19 @@ def test_help_shows_defaults():
         assert expected in text, expected
 
 
-@pytest.mark.parametrize("flags,groups", [((), ("anchor", "memory")),
-                                          (("--prior", "related"), ("anchor", "related", "memory")),
-                                          (("--adversarial", "1"), ("anchor", "memory", "concept"))])
+@pytest.mark.parametrize("flags,groups", [((), ("unlearn", "prior")),
+                                          (("--prior", "related"), ("unlearn", "prior", "memory")),
+                                          (("--adversarial", "1"), ("unlearn", "prior", "concept"))])
 def test_every_long_phase_shows_a_progress_bar(tmp_path, flags, groups):
-    """phi_0 draws the images of the groups the recipe uses, and only those, each with its bar."""
+    """phi_0 draws the images of the groups the recipe uses, and only those, each with its bar (a group
+    whose prompts an earlier group drew, as R_pr's memory after L_pr's memory bank, draws nothing)."""
     w = tiny_sd(tmp_path / "m.safetensors")
     r = run("--forget", "van gogh", "--weights", str(w), "--out", str(tmp_path / "o.safetensors"), *FAST, *flags,
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for bar in [f"phi_0 images: {g}" for g in groups] + ["unlearning", "before/after grid"]:
         assert f"{bar}: 100%" in r.stderr, bar
-    drawn = {g for g in ("anchor", "related", "memory", "concept") if f"phi_0 images: {g}" in r.stderr}
+    drawn = {g for g in ("unlearn", "prior", "memory", "concept") if f"phi_0 images: {g}" in r.stderr}
     assert drawn == set(groups)
     # the time line: the command line's start-up (imports, loading) first, then each phase; they add up to the total
     line = r.stderr.split("time: ")[-1].splitlines()[0]
@@ -367,16 +369,16 @@ def test_paper_recipe_trains_against_the_requests_start_with_the_empty_prompt(tm
     """--recipe paper: L_U's target context is the empty prompt's, L_pr's images are the memory
     bank's, there is no memory group, and the frozen reference of request 2 is request 1's output
     (phi_n), while the delta file still carries the original."""
-    import duge
     import sample
     import train
+    import trainer
     from safetensors.torch import load_file
-    seen, real = [], duge.unlearn
+    seen, real = [], trainer.unlearn
 
-    def spy(unet, ref, data, cfg, **kw):
-        seen.append((dict(ref.tensors), data, cfg))
-        return real(unet, ref, data, cfg, **kw)
-    monkeypatch.setattr(duge, "unlearn", spy)
+    def spy(unet, method, ref, data, cfg, **kw):
+        seen.append((dict(ref.tensors), data, method.cfg))
+        return real(unet, method, ref, data, cfg, **kw)
+    monkeypatch.setattr(trainer, "unlearn", spy)
     w = tiny_sd(tmp_path / "m.safetensors")
     out = tmp_path / "o.safetensors"
     assert train.main(["--forget", "van gogh", "--forget", "apple", "--weights", str(w), "--out", str(out),
@@ -387,8 +389,8 @@ def test_paper_recipe_trains_against_the_requests_start_with_the_empty_prompt(tm
     empty = sample.encode_prompts(model, [""])
     for k, (ref, data, cfg) in enumerate(seen):
         assert (cfg.recipe, cfg.reference, cfg.target, cfg.replay) == ("paper", "phin", "uncond", False)
-        assert set(data) == {"anchor", "related"}                       # L_pr on the memory bank, R_pr on tensors
-        c = data["anchor"]["c_anchor"]
+        assert set(data) == {"unlearn", "prior"}                        # L_pr on the memory bank, R_pr on tensors
+        c = data["unlearn"]["c_anchor"]
         torch.testing.assert_close(c, empty.expand_as(c))
         start = base if k == 0 else first
         assert all(torch.equal(v, start[n]) for n, v in ref.items())   # phi_n: the request's own start
