@@ -62,7 +62,7 @@ def related_concepts(embed, concept, candidates, k, template="{}"):
 
 
 def nearest_by_text(model, concept, k):
-    """nearest(pool) for duge.recipe: the k concepts of pool closest to `concept` in the model's
+    """nearest(pool) for duge.plan: the k concepts of pool closest to `concept` in the model's
     own text embedding (model: a checkpoint.StableDiffusion)."""
     device = next(model.text_encoder.parameters()).device
     embed = lambda ps: eot_embedding(encode_prompts(model, ps), model.tokenizer(ps).to(device), model.tokenizer.eot_id)

@@ -295,7 +295,7 @@ def run_request_one(config, device):
     """Peak memory of one phase of a real-SD request, full-size random weights:
     "generate": phi_0's training images (2 per prompt, guidance: a UNet batch of 4) and their
     decoding, as train.py draws them (2 DDIM steps: the peak is per step);
-    "train:B:MB:CKPT:AUTOCAST": one duge.unlearn step, B images per group, micro-batches of MB
+    "train:B:MB:CKPT:AUTOCAST": one trainer.unlearn step of DUGE, B images per group, micro-batches of MB
     (0: all), gradient checkpointing 0/1, autocast ''/bf16."""
     base = memory_now(device)
     torch.manual_seed(0)

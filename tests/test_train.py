@@ -1,4 +1,5 @@
 """train.py: the CLI's errors, the ledger across requests, and the real-SD path at full size."""
+import dataclasses
 import json
 import os
 import re
@@ -399,3 +400,30 @@ def test_paper_recipe_trains_against_the_requests_start_with_the_empty_prompt(tm
     assert all(torch.equal(v, base[n.removeprefix("phi0.")].to(v.dtype)) for n, v in delta.items() if n.startswith("phi0."))
     steps = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"]
     assert [s["hparams"]["recipe"] for s in steps] == ["paper", "paper"]
+
+
+def test_phi0_draws_the_training_images_of_a_later_request(tmp_path):
+    """Request 2's training images come from the ORIGINAL model phi_0 (swapped in from the delta file),
+    not from the model the request starts from: bit for bit the base file's own images, and not the
+    current model's."""
+    import duge
+    import request
+    import sample
+    import train
+    import trainer
+    from toy.concepts import for_model
+    w = tiny_sd(tmp_path / "m.safetensors")
+    first = tmp_path / "first.safetensors"
+    assert train.main(["--forget", "van gogh", "--weights", str(w), "--out", str(first), "--no-grid", *FAST,
+                       "--steps", "20", "--lr", "0.05", "--cache", str(tmp_path / "c1")]) == 0
+    model = checkpoint.load(first)
+    cfg = dataclasses.replace(trainer.PRESETS["sd"], num_prompts=1, images_per_prompt=1, generic=2, num_related=1)
+    sampling = {"steps": 2, "guidance": model.guidance}
+    req = request.prepare(model, duge.Duge(duge.DugeConfig()), for_model(model), "apple", cfg,
+                          cache=tmp_path / "c2", sampling=sampling)
+    anchors = req.prompts.anchors
+    base = checkpoint.load(w)
+    by_base = sample.generate_cached(base, anchors, 1, tmp_path / "c3", **sampling)
+    by_current = sample.generate_cached(model, anchors, 1, tmp_path / "c4", **sampling)
+    assert torch.equal(req.data["unlearn"]["x"], by_base)
+    assert (by_current - by_base).abs().max() > 1e-3        # the first request changed what the model draws

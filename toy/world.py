@@ -5,13 +5,14 @@ and there is no GPU, so the method is measured in a world small enough for a CPU
 is 64x64 RGB and shows ONE shape, filled with ONE colour and outlined in near-black, drawn
 large and roughly central over the background of ONE "artist" style:
 
-    shapes   circle, oval, square, diamond, triangle, star, heart, cross, moon
-    colours  red, orange, yellow, green, blue, purple, pink, white
-    styles   van gogh, munch, monet, seurat, picasso, mondrian, hokusai, pollock, klimt
+    shapes   (12) circle, oval, square, diamond, triangle, star, heart, cross, moon, ring, house, arrow
+    colours  (8)  red, orange, yellow, green, blue, purple, pink, white
+    styles   (20) van gogh, munch, monet, seurat, picasso, mondrian, hokusai, pollock, klimt, kandinsky,
+                  rothko, warhol, escher, matisse, cezanne, turner, rembrandt, malevich, kusama, lichtenstein
              (+ "photo": a plain smooth gradient, the unstyled background)
 
 Each artist is a coarse, high-contrast background texture with its own palette, so that a
-classifier cannot mistake it and a small diffusion model can learn it at 64x64:
+classifier cannot mistake it and a small diffusion model can learn it at 64x64; the first nine:
 
     van gogh   short thick strokes swirling around a few centres, yellow and pale blue on night blue
     munch      broad wavy horizontal bands in orange, red and dark blue    (close to van gogh: curves)
@@ -23,8 +24,9 @@ classifier cannot mistake it and a small diffusion model can learn it at 64x64:
     pollock    black, white and red drips and splatters on a beige canvas
     klimt      a mosaic of gold tiles, some holding a black or white dot
 
-Close pairs are deliberate (circle / oval, square / diamond, van gogh / munch,
-monet / seurat): nearby concepts are the ones that erode first when others are unlearned.
+Close pairs are deliberate (circle / oval, square / diamond, circle / ring, square / house, van gogh /
+munch, monet / seurat, mondrian / malevich, turner / rembrandt, kusama / lichtenstein, rothko / warhol):
+nearby concepts are the ones that erode first when others are unlearned.
 A shape is jittered in position, size and rotation, but never so much that it turns into
 its neighbour (rotation stays within +-15 degrees, so a square never becomes a diamond).
 All randomness comes from the seed given to `render`, so the world is reproducible.
