@@ -54,7 +54,7 @@ def forget(concept, out, *extra):
                         "--cache", str(out.parent / "cache"), "--steps", "120", "--eval-n", "4", *extra],
                        capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert r.returncode == 0, r.stderr
-    for phase in ("phi_0 images: anchor", "unlearning", "evaluation: after", "before/after grid"):
+    for phase in ("phi_0 images: unlearn", "unlearning", "evaluation: after", "before/after grid"):
         assert f"{phase}: 100%" in r.stderr, phase  # a progress bar in every long phase
     rows = list(csv.DictReader(open(out.with_suffix("").as_posix() + ".eval.csv")))
     return ({row["concept"]: float(row["base"]) for row in rows}, {row["concept"]: float(row["after"]) for row in rows})
