@@ -79,8 +79,9 @@ class TrainConfig:
         check(self)
 
 
-# Toy: 60 steps forget as fully as 100 and erode less (docs/results.md). SD: 3 x 8 images per step in
-# micro-batches of 2, checkpointed: one UNet plus a few GB, not ~45 GB (docs/performance.md).
+# Toy: 60 steps, chosen over 100 when toy model v5 came (docs/results.md; that run is not committed).
+# SD: 3 x 8 images per step in micro-batches of 2, checkpointed: one UNet plus a few GB, not ~45 GB
+# (docs/performance.md).
 PRESETS = {"toy": TrainConfig(steps=60), "sd": TrainConfig(lr=1e-5, micro_batch=2, checkpointing=True)}
 
 

@@ -208,7 +208,7 @@ def test_plan_replays_the_ledger_and_grows_the_memory():
 
 
 def test_presets():
-    assert trainer.PRESETS["toy"] == trainer.TrainConfig(steps=60)    # 60 steps measured better than 100
+    assert trainer.PRESETS["toy"] == trainer.TrainConfig(steps=60)    # the toy default (docs/results.md)
     assert trainer.PRESETS["sd"].steps == 200
     assert trainer.PRESETS["sd"].lr == 1e-5 and trainer.PRESETS["toy"].lr == 1e-3
     assert trainer.PRESETS["sd"].batch == trainer.PRESETS["toy"].batch == 8
