@@ -34,10 +34,18 @@ from trainer import check, setting
 
 @dataclass
 class BaselineConfig:
-    """The baselines' own settings (the shared ones are trainer.TrainConfig's)."""
+    """The baselines' own settings (the shared ones are trainer.TrainConfig's). reference and replay
+    equip any baseline with what DUGE has (train.new_method sets them on the method): phi_0 as the
+    frozen reference and the source of the training images, and the ledger's concepts unlearned
+    again; for UCE, the edit re-solved from phi_0 over every concept forgotten so far."""
+    reference: str = setting("phin", "frozen reference, which also draws the training images: phi_n (the request's "
+                             "start) or phi_0 (the original)", choices=("phin", "phi0"))
+    replay: bool = setting(False, "unlearn the ledger's earlier concepts again with this one")
     esd_eta: float = setting(1.0, "ESD's negative guidance", low=0)
-    uce_lambda: float = setting(0.1, "UCE's pull towards the unedited weights", low=0)
-    uce_preserve: float = setting(1.0, "UCE's weight of the kept concepts", low=0)
+    esd_prompt: str = setting("concept", "ESD's conditioning: the concept's name alone (its paper), or its captions",
+                              choices=("concept", "captions"))
+    uce_lambda: float = setting(0.5, "UCE's pull towards the unedited weights (its script: 0.5)", low=0)
+    uce_preserve: float = setting(0.1, "UCE's weight of the kept concepts (its script: 0.1)", low=0)
 
     def __post_init__(self):
         check(self)
@@ -58,20 +66,25 @@ class Finetune:
 
 
 class Esd:
-    """ESD-x. The concept's images are denoised under c* towards the reference model's prediction
-    guided AWAY from the concept:
+    """ESD-x. The concept's images are denoised under its name towards the reference model's
+    prediction guided AWAY from it:
 
         L = || eps_theta(x_t, c*, t) - [eps_ref(x_t, t) - eta (eps_ref(x_t, c*, t) - eps_ref(x_t, t))] ||^2
 
     with eps_ref(x_t, t) the unconditional prediction (c_anchor is the empty prompt) and eta =
-    cfg.esd_eta (1.0 in the paper). x_0: images of the concept drawn by ref. Trains every attn2 tensor."""
+    cfg.esd_eta (1.0 in the paper). c*: the concept's name alone, as ESD's scripts pass it ("van
+    gogh"), or with esd_prompt="captions" its whole captions (which also teaches anti-blue and
+    anti-circle when the caption names them). x_0: the concept's images, drawn by ref from its
+    captions (ESD samples x_t from its own model under the name: here they are drawn once, as
+    every method's). Trains every attn2 tensor."""
     name, reference, replays, trainable = "esd", "phin", False, "attn2"
 
     def __init__(self, cfg: BaselineConfig):
-        self.eta = cfg.esd_eta
+        self.eta, self.prompt = cfg.esd_eta, cfg.esd_prompt
 
     def data(self, p):
-        return {"unlearn": {"x": p.targets, "c_target": p.targets, "c_anchor": [""] * len(p.targets)}}
+        c_target = p.names if self.prompt == "concept" else p.targets
+        return {"unlearn": {"x": p.targets, "c_target": c_target, "c_anchor": [""] * len(p.targets)}}
 
     def loss(self, unet, ref, batch):
         b = batch["unlearn"]
@@ -142,7 +155,7 @@ def _encode(model, texts):
 def uce_request(model, texts, anchors, preserve, lam=0.1, preserve_scale=1.0):
     """One UCE request on a checkpoint.StableDiffusion: the texts naming the concept are mapped onto
     their anchors (row-aligned from each text's last word on, as UCE's code aligns them), the
-    preserved concepts' texts stay, in every attn2 to_k and to_v."""
+    preserved concepts' texts stay (all their rows), in every attn2 to_k and to_v."""
     eot = model.tokenizer.eot_id
     ctx, tokens = _encode(model, texts + anchors)
     c_e, c_a = [], []
@@ -150,9 +163,8 @@ def uce_request(model, texts, anchors, preserve, lam=0.1, preserve_scale=1.0):
         r_e, r_a = token_rows(ctx[i], tokens[i], eot), token_rows(ctx[len(texts) + i], tokens[len(texts) + i], eot)
         m = min(len(r_e), len(r_a))
         c_e.append(r_e[:m]), c_a.append(r_a[:m])
-    if preserve:
-        ctx_p, tok_p = _encode(model, preserve)
-        c_p = torch.cat([token_rows(c, t, eot) for c, t in zip(ctx_p, tok_p)])
+    if preserve:   # every row of a kept text (its start, words, end and padding), as UCE's script keeps them
+        c_p = _encode(model, preserve)[0].flatten(0, 1)
     else:
         c_p = ctx.new_zeros((0, ctx.shape[-1]))
     projections = [p for _, m in model.unet.cross_attentions() for p in (m.to_k, m.to_v)]
@@ -166,14 +178,22 @@ class Uce:
     def __init__(self, cfg: BaselineConfig):
         self.lam, self.preserve = cfg.uce_lambda, cfg.uce_preserve
 
-    def edit(self, model, world, plan, concept, anchor):
-        """The texts that end in the concept (and the name alone) onto their anchors, the retained
-        concepts of plan.memory kept."""
-        texts = [concept] + [p for p in world.prompts(concept, world.kind(concept), 16, exclude=plan.exclude)
-                             if p.endswith(concept)]
-        texts = list(dict.fromkeys(texts))
-        uce_request(model, texts, [anchor_prompt(p, concept, anchor) for p in texts], plan.memory, self.lam,
-                    self.preserve)
+    @torch.no_grad()
+    def edit(self, model, req):
+        """Every concept of req.plan.unlearn (this one; with replay, also the ledger's) onto its anchor:
+        its name alone and the request's prompts that end in it, the concepts of plan.memory kept. With
+        reference phi0 the edit starts from phi_0's keys and values, so with replay it is UCE's own
+        multi-concept form: everything forgotten so far erased at once from the original."""
+        if self.reference == "phi0":
+            for n, p in model.unet.named_parameters():
+                if n in req.phi0.tensors:
+                    p.copy_(req.phi0.tensors[n])
+        texts, anchors, p = [], [], req.prompts
+        for concept, anchor in req.plan.unlearn:   # the request's own prompts of each concept
+            own = list(dict.fromkeys([concept] + [t for t, c in zip(p.targets, p.names) if c == concept
+                                                  and t.endswith(concept)]))
+            texts, anchors = texts + own, anchors + [anchor_prompt(t, concept, anchor) for t in own]
+        uce_request(model, texts, anchors, req.plan.memory, self.lam, self.preserve)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -92,16 +92,28 @@ SD_GENERIC = ["a photo of a dog", "a mountain landscape at sunset", "a bowl of f
               "an astronaut in space"]
 
 
+# Retained concepts no method sees (as toy/concepts.HELD_OUT): never a candidate, never in a generic
+# prompt; the CLIP evaluation reports them apart. Each sits near concepts that stay candidates
+# (munch near van gogh, rembrandt near the old masters, corgi near dog), so they erode as early.
+SD_HELD_OUT = ["edvard munch", "rembrandt", "andy warhol", "corgi", "harp", "parachute"]
+
+
 class SDConcepts:
     """Where concepts, templates and prompts come from on real SD. toy/concepts.py has the same
     four methods for the toy world."""
+    held_out = SD_HELD_OUT
 
     def kind(self, concept):
         c = concept.lower()
         return "style" if c in SD_ARTISTS else "object" if c in SD_OBJECTS else "other"
 
-    def candidates(self, kind):
+    def known(self, kind):
+        """Every concept of a kind that the evaluation measures."""
         return {"style": SD_ARTISTS, "object": SD_OBJECTS}.get(kind, [])
+
+    def candidates(self, kind):
+        """The concepts of a kind a method may use (in its memory, preserve set or prompts): not held out."""
+        return [c for c in self.known(kind) if c not in SD_HELD_OUT]
 
     def prompts(self, concept, kind, n, exclude=()):
         """n prompts naming the concept (the templates of its kind, in turn)."""
@@ -109,6 +121,6 @@ class SDConcepts:
         return [ts[i % len(ts)].format(concept) for i in range(n)]
 
     def generic(self, n, exclude=()):
-        """Prompts of everything else the model should keep drawing (never a forgotten concept)."""
-        ok = [p for p in SD_GENERIC if not any(re.search(rf"\b{re.escape(c)}\b", p) for c in exclude)]
+        """Prompts of everything else the model should keep drawing (never a forgotten or held-out concept)."""
+        ok = [p for p in SD_GENERIC if not any(re.search(rf"\b{re.escape(c)}\b", p) for c in [*exclude, *SD_HELD_OUT])]
         return [ok[i % len(ok)] for i in range(n)]

@@ -69,8 +69,8 @@ class Plan:
 
 def plan(ledger, concept, anchor, kind, candidates, nearest, retain=None, replay=True):
     """ledger: {"steps": [{"concept", "anchor", "kind", "retain"}, ...]} of the earlier requests;
-    candidates(kind) -> the known concepts of a kind; nearest(pool) -> the related concepts
-    chosen from pool (by text embedding), used when `retain` (the user's list) is None."""
+    candidates(kind) -> the concepts of a kind a method may use (none held out); nearest(pool) -> the
+    related concepts chosen from pool (by text embedding), used when `retain` (the user's list) is None."""
     done = ledger["steps"]
     exclude = [s["concept"] for s in done] + [concept]
     unlearn = ([(s["concept"], s["anchor"]) for s in done] if replay else []) + [(concept, anchor)]

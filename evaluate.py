@@ -51,22 +51,28 @@ def wilson(p, n, z=1.96):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def groups(names, forgotten, kind_of):
+def groups(names, forgotten, kind_of, held_out=()):
     """forgotten; retained in-domain (the concepts of a kind already hit, which erode first);
-    retained cross-domain (the other kinds)."""
+    retained cross-domain (the other kinds); and, across kinds, the retained concepts no method saw
+    (held out) and the others (seen: they may be in a method's memory or preserve set)."""
     kinds = {kind_of(c) for c in forgotten}
-    return {"forgotten": [c for c in names if c in forgotten],
-            "retained_in_domain": [c for c in names if c not in forgotten and kind_of(c) in kinds],
-            "retained_cross_domain": [c for c in names if c not in forgotten and kind_of(c) not in kinds]}
+    kept = [c for c in names if c not in forgotten]
+    out = {"forgotten": [c for c in names if c in forgotten],
+           "retained_in_domain": [c for c in kept if kind_of(c) in kinds],
+           "retained_cross_domain": [c for c in kept if kind_of(c) not in kinds]}
+    if held_out:
+        out |= {"retained_seen": [c for c in kept if c not in held_out],
+                "retained_held_out": [c for c in kept if c in held_out]}
+    return out
 
 
-def summarise(acc, base, forgotten, kind_of, n=None):
-    """Group accuracies: forgotten, retained in-domain, retained cross-domain (each a mean over concepts,
-    and its base); the worst retained concept of each retained group; erosion. With n (concept -> images),
-    also 95% intervals: Wilson intervals of the mean as a proportion of all the group's images."""
+def summarise(acc, base, forgotten, kind_of, n=None, held_out=()):
+    """Group accuracies (groups()), each a mean over concepts and its base; the worst retained concept
+    of each retained group; erosion. With n (concept -> images), also 95% intervals: Wilson intervals
+    of the mean as a proportion of all the group's images."""
     out = {}
     mean = lambda d, cs: sum(d[c] for c in cs) / len(cs) if cs else float("nan")
-    for g, cs in groups(list(acc), forgotten, kind_of).items():
+    for g, cs in groups(list(acc), forgotten, kind_of, held_out).items():
         out[g], out[g + "_base"] = mean(acc, cs), mean(base, cs)
         if n is not None:
             out[g + "_ci"] = wilson(out[g], sum(n[c] for c in cs))
@@ -90,8 +96,9 @@ def summary_lines(s):
     """Markdown bullets of a summary: mean [interval] (base), worst concept, quality."""
     lines = []
     for g, label in (("forgotten", "forgotten"), ("retained_in_domain", "retained in-domain"),
-                     ("retained_cross_domain", "retained cross-domain")):
-        if s.get(g) != s.get(g):   # nan: the group is empty
+                     ("retained_cross_domain", "retained cross-domain"), ("retained_seen", "retained, seen by methods"),
+                     ("retained_held_out", "retained, held out from every method")):
+        if g not in s or s[g] != s[g]:   # absent or nan: the group is empty
             continue
         ci = s.get(g + "_ci")
         line = f"- {label}: {100 * s[g]:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
@@ -169,9 +176,9 @@ class Shot:
 
 
 def concept_list(forgotten=(), source=None):
-    """Every concept measured: the candidate artists and objects, and every forgotten one."""
+    """Every concept measured: the known artists and objects (held-out ones included), and every forgotten one."""
     source = source or concepts.SDConcepts()
-    return list(dict.fromkeys(source.candidates("style") + source.candidates("object") + list(forgotten)))
+    return list(dict.fromkeys(source.known("style") + source.known("object") + list(forgotten)))
 
 
 def shots(n, forgotten=(), source=None):
@@ -250,7 +257,7 @@ def evaluate(model, clip, forgotten, n, base_model=None, base_cache=None, steps=
     acc = {c: h / k for c, (h, k) in hits.items()}
     base = {c: h / k for c, (h, k) in hits_b.items()}
     n_by = {c: k for c, (_, k) in hits.items()}
-    summary = summarise(acc, base, forgotten, source.kind, n_by)
+    summary = summarise(acc, base, forgotten, source.kind, n_by, source.held_out)
     kept = [c for c in acc if c not in forgotten]
     summary["clip_score"] = sum(cs[c] for c in kept) / len(kept)
     summary["clip_score_base"] = sum(cs_b[c] for c in kept) / len(kept)

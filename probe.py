@@ -221,7 +221,7 @@ def clip_scorer(clip, world):
 
     @torch.no_grad()
     def recognised(images, concept, kind):
-        classes = list(dict.fromkeys(world.candidates(kind) + [concept]))
+        classes = list(dict.fromkeys(world.known(kind) + [concept]))
         text = clip.encode_text([evaluate.TEMPLATES.get(kind, "a photo of {}").format(c) for c in classes])
         sims = clip.encode_image(evaluate.clip_preprocess(images)) @ text.T
         return [classes[i] == concept for i in sims.argmax(1).tolist()]

@@ -84,6 +84,7 @@ class Prompts:
     """The prompts of a request, which a method's data() picks from (trainer.py)."""
     targets: list             # c*: prompts naming the concepts to unlearn (replayed earlier ones first)
     anchors: list             # c^a: each target with its concept replaced by the anchor (row-aligned)
+    names: list               # the concept each target names, its name alone (row-aligned)
     related: list             # prompts of the related concepts R_k
     memory: list              # 2 prompts of every concept of the memory M, then generic prompts
     concept: list             # this request's own targets (the last num_prompts) ...
@@ -92,11 +93,11 @@ class Prompts:
 
 def prompts_for(world, plan, num_prompts, generic):
     prompts = lambda c, n: world.prompts(c, world.kind(c), n, exclude=plan.exclude)
-    pairs = [(p, concepts.anchor_prompt(p, c, a)) for c, a in plan.unlearn for p in prompts(c, num_prompts)]
-    targets, anchors = [p for p, _ in pairs], [a for _, a in pairs]
+    rows = [(p, concepts.anchor_prompt(p, c, a), c) for c, a in plan.unlearn for p in prompts(c, num_prompts)]
+    targets, anchors, names = ([r[i] for r in rows] for i in range(3))
     related = [p for r in plan.related for p in prompts(r, num_prompts)]
     memory = [p for r in plan.memory for p in prompts(r, 2)] + world.generic(generic, exclude=plan.exclude)
-    return Prompts(targets, anchors, related, memory, targets[-num_prompts:], anchors[-num_prompts:])
+    return Prompts(targets, anchors, names, related, memory, targets[-num_prompts:], anchors[-num_prompts:])
 
 
 @dataclass
@@ -148,9 +149,14 @@ def draw_data(model, groups, ref, folder, k, who, sampling):
 # -----------------------------------------------------------------------------------------------
 # Training, with its resume point
 
-def train(model, method, req, cfg, resume_point=None, resume=False, progress=True):
+class Enough(Exception):
+    """Raised between steps when train()'s `enough` says the concept is forgotten."""
+
+
+def train(model, method, req, cfg, resume_point=None, resume=False, progress=True, enough=None):
     """The loop on req.data. resume_point: a path where the resume point is written every 50 steps, at
     the end and on Ctrl-C / SIGTERM; with resume=True training continues from it when it exists.
+    enough(steps done) -> True stops training there (matched forgetting: steps_until).
     -> the loss logs of every step trained (a finished resume point's last, when none was left)."""
     start, opt_state, last = 0, None, []
     if resume and Path(resume_point).exists():
@@ -173,13 +179,33 @@ def train(model, method, req, cfg, resume_point=None, resume=False, progress=Tru
             if stop:
                 raise KeyboardInterrupt(f"stopped after step {done} of {cfg.steps} of '{req.concept}'; rerun the "
                                         f"same command with --resume to continue from step {done}")
+            history.append(logs)
+            if enough is not None and enough(done):
+                raise Enough
+        history = []
         try:
-            history = trainer.unlearn(model.unet, method, req.ref, req.data, cfg, original=req.phi0.tensors,
-                                      progress=progress, start_step=start, optimizer_state=opt_state, on_step=on_step,
-                                      projection=projection)
+            trainer.unlearn(model.unet, method, req.ref, req.data, cfg, original=req.phi0.tensors, progress=progress,
+                            start_step=start, optimizer_state=opt_state, on_step=on_step, projection=projection)
         except FloatingPointError as e:
             raise UserError(str(e)) from None
+        except Enough:
+            pass
     return history or last
+
+
+def steps_until(recognised, ladder, target=0.10):
+    """Matched forgetting: the `enough` of train() that checks the concept at each rung of the ladder
+    (steps, mildest first) and stops at the first where recognised() <= target; training runs on
+    through the rungs (the same run continued: rung k's model is what --steps k trains, as each
+    step's draws depend on its number alone). -> (enough, the checks made: [(steps, recognised)])."""
+    checks = []
+
+    def enough(done):
+        if done not in ladder:
+            return False
+        checks.append((done, recognised()))
+        return checks[-1][1] <= target
+    return enough, checks
 
 
 @contextmanager
@@ -200,6 +226,14 @@ def stop_between_steps():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@torch.no_grad()
+def put(model, tensors):
+    """Copy tensors (by parameter name) into the model's UNet."""
+    named = dict(model.unet.named_parameters())
+    for n, v in tensors.items():
+        named[n].copy_(v)
 
 
 def trained_tensors(unet, names):

@@ -36,12 +36,18 @@ from request import UserError
 
 METHODS = {"duge": duge.Duge, "esd": baselines.Esd, "ca": baselines.Ca, "uce": baselines.Uce,
            "finetune": baselines.Finetune}
+LADDER = (5, 10, 20, 30, 45, 60, 90, 120, 180, 240)          # --match-forgetting's rungs (steps), mildest first
+UCE_LADDER = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0)      # ... and UCE's (--uce-preserve)
 # --help's groups: (title, config class, its fields shown there; None: all)
 FLAG_GROUPS = [
     ("training (every method)", trainer.TrainConfig, ["steps", "lr", "batch", "seed", "trainable", "num_prompts",
                                                       "images_per_prompt", "num_related", "generic"]),
-    ("DUGE's losses and recipe (duge.py)", duge.DugeConfig, None),
-    ("baselines (baselines.py) and CUIG's add-ons", baselines.BaselineConfig, None),
+    ("DUGE's losses and recipe (duge.py)", duge.DugeConfig, ["lambda_pr", "lambda_reg", "recipe", "target",
+                                                            "attention", "prior", "regulariser"]),
+    ("what a method is given (DUGE: phi0 and replay; a baseline: phin and none)", duge.DugeConfig,
+     ["reference", "replay"]),
+    ("baselines (baselines.py) and CUIG's add-ons", baselines.BaselineConfig, ["esd_eta", "esd_prompt", "uce_lambda",
+                                                                              "uce_preserve"]),
     (None, trainer.TrainConfig, ["gamma", "gp"]),
     ("the robust variant (adversarial.py)", adversarial.RobustConfig, None),
     (None, trainer.TrainConfig, ["lr_rest"]),
@@ -80,6 +86,11 @@ def parse_args(argv=None):
                    "in the toy evaluation, per concept in the CLIP one (default: 32 on the toy model, 8 on SD)")
     g.add_argument("--clip", default=None, help="real SD: score every request with this CLIP (the transformers "
                                                 "folder of openai/clip-vit-large-patch14), as evaluate.py does")
+    g.add_argument("--eval-seed", type=int, default=0, help="toy evaluation: which images (seeds) it draws (default: 0)")
+    g.add_argument("--match-forgetting", type=float, default=None, metavar="TARGET",
+                   help="toy model: stop at the first rung of --ladder where the concept is recognised on <= TARGET of "
+                        "16 check images (seeds the evaluation never draws); UCE: its mildest --uce-preserve that does")
+    g.add_argument("--ladder", default=",".join(map(str, LADDER)), help="the rungs of --match-forgetting, in steps")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation (the toy world's or CLIP's)")
     g.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
     g.add_argument("--out", default=None, help="output model (default: out/forget-<concepts>.safetensors)")
@@ -99,8 +110,11 @@ def add_config_flag(group, cls, f):
     toy, sd = (getattr(presets[p], f.name) for p in ("toy", "sd"))
     kw = ({"action": argparse.BooleanOptionalAction} if isinstance(toy, bool) else
           {"type": type(toy), "choices": f.metadata["choices"]})
+    shown = toy if toy == sd else f"{toy} on the toy model, {sd} on SD"
+    if cls is duge.DugeConfig and f.name in ("reference", "replay"):   # a flag of every method, defaults of each
+        shown = f"{toy} for DUGE, {getattr(baselines.BaselineConfig(), f.name)} for a baseline"
     group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
-                       help=f"{f.metadata['help']} (default: {toy if toy == sd else f'{toy} on the toy model, {sd} on SD'})")
+                       help=f"{f.metadata['help']} (default: {shown})")
 
 
 def configs(args, toy):
@@ -124,6 +138,19 @@ def configs(args, toy):
     args.eval_n = args.eval_n if args.eval_n is not None else 32 if toy else 8
     if args.clip is not None and toy:
         raise UserError("--clip scores real SD; the toy model is scored by its own classifier (drop --clip)")
+    if args.match_forgetting is not None:
+        if not toy:
+            raise UserError("--match-forgetting checks with the toy world's classifier: toy model only")
+        if not 0 <= args.match_forgetting < 1:
+            raise UserError(f"--match-forgetting {args.match_forgetting}: a fraction in [0, 1), e.g. 0.1")
+        raw = args.ladder
+        try:
+            args.ladder = sorted({int(r) for r in raw.split(",") if r.strip()})
+        except ValueError:
+            args.ladder = []
+        if not args.ladder or args.ladder[0] < 1:
+            raise UserError(f"--ladder {raw}: comma-separated positive step counts, e.g. 10,20,40")
+        cfg = dataclasses.replace(cfg, steps=args.ladder[-1])   # trained up to the last rung at most
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be positive")
@@ -133,10 +160,13 @@ def configs(args, toy):
 
 
 def new_method(name, cfg, own, guidance):
-    """A fresh method object for one request (the robust variant's attacker starts anew)."""
+    """A fresh method object for one request (the robust variant's attacker starts anew); a baseline
+    is given --reference and --replay."""
     if name == "duge":
         return adversarial.RobustDuge(*own, cfg.batch, cfg.seed, guidance) if own[1].adversarial else duge.Duge(own[0])
-    return METHODS[name](own[0]) if name in ("esd", "uce") else METHODS[name]()   # CA, finetune: no settings
+    method = METHODS[name](own[0]) if name in ("esd", "uce") else METHODS[name]()   # CA, finetune: no settings
+    method.reference, method.replays = own[0].reference, own[0].replay
+    return method
 
 
 def output_models(args, model, world):
@@ -191,25 +221,44 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
     with phase(f"{'phi_0' if method.reference == 'phi0' else 'reference'} images"):
         req = request.prepare(model, method, world, concept, cfg, kind=kind, anchor=args.anchor, retain=retain,
                               base=args.base, cache=args.cache, sampling=images)
-    history = []
+    history, checks, gone = [], [], checkpoint.forgotten(model) + [concept]
+    if args.match_forgetting is not None:
+        from toy import evaluate
+        recognised = lambda: evaluate.recognised(model, concept, gone)
     if hasattr(method, "edit"):
         with phase(f"{method.name.upper()} edit"):
-            method.edit(model, world, req.plan, concept, args.anchor)
+            for w in (UCE_LADDER if args.match_forgetting is not None else [method.preserve]):
+                request.put(model, req.start.tensors)   # each rung solved anew from the request's start
+                method.preserve = w
+                method.edit(model, req)
+                checks += [(w, recognised())] if args.match_forgetting is not None else []
+                if not checks or checks[-1][1] <= args.match_forgetting:
+                    break
     else:
         print(f"  related concepts kept: {', '.join(req.plan.related) or '-'}; "
               + ", ".join(f"{len(d['x'])} {g}" for g, d in req.data.items()) + " images", file=sys.stderr)
         if args.resume and not paths["resume"].exists():
             print(f"  no resume point at {paths['resume']}: starting at step 0", file=sys.stderr)
+        enough = None
+        if args.match_forgetting is not None:
+            enough, checks = request.steps_until(recognised, args.ladder, args.match_forgetting)
         with phase("training"):
-            history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume)
-    metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1),
+            history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume, enough=enough)
+    steps = checks[-1][0] if checks and checks[-1][1] <= args.match_forgetting else 0 if hasattr(method, "edit") \
+        else cfg.steps
+    metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1), "steps_taken": steps,
+               "image_gradients": steps * cfg.batch * len(req.data), "checks": checks,
                "final_losses": history[-1] if history else {}}
-    gone, cache = checkpoint.forgotten(model) + [concept], Path(args.cache) / request.fingerprint(model, req.phi0)
+    if checks:
+        print(f"  matched forgetting: '{concept}' recognised " + ", ".join(f"{100 * a:.0f}% at {r}" for r, a in checks)
+              + ("" if checks[-1][1] <= args.match_forgetting else f"; never <= {100 * args.match_forgetting:.0f}%"),
+              file=sys.stderr)
+    cache = Path(args.cache) / request.fingerprint(model, req.phi0)
     if request.is_toy(model) and not args.no_eval:
         from toy import evaluate
         with phase("evaluation"):
             metrics.update(evaluate.report(model, req.phi0, gone, args.eval_n, paths["md"], paths["csv"],
-                                           cache / "base_eval.json"))
+                                           cache / "base_eval.json", seed=args.eval_seed))
     elif args.clip is not None and not args.no_eval:   # real SD, scored by CLIP (evaluate.py)
         import evaluate
         with phase("evaluation"):

@@ -1,26 +1,40 @@
-"""The continual-unlearning benchmark in the toy world: requests one after another, for DUGE, its
-ablations and the baselines, and what each model still knows after every step.
+"""The continual-unlearning benchmark in the toy world: requests one after another, for DUGE and the
+baselines (plain, and given what DUGE has), at matched forgetting, over seeds.
 
-    python -m experiments.benchmark                                     # 12 styles; DUGE and the baselines
-    python -m experiments.benchmark --methods duge,duge-no-reg,duge-no-pr,duge-no-replay,duge+gp
-    python -m experiments.benchmark --methods duge,duge+related-prior,duge-paper,duge+phin,duge+uncond,duge+maps,duge-related-no-replay,duge+l2 --docs docs/recipes
-    python -m experiments.benchmark --sequence mixed --out out/bench-mixed --docs out/bench-mixed
+    python -m experiments.benchmark --all                              # every run below; resumable
+    python -m experiments.benchmark --methods duge --seeds 3           # one sequence (styles), DUGE at 3 seeds
+    python -m experiments.benchmark --sequence mixed --methods duge,esd+
+    python -m experiments.benchmark --noise-floor                      # two draws of the same model differ by?
+    python -m experiments.benchmark --list                             # every named variant
 
-CUIG's protocol (Lee et al., ICLR 2026): 12 requests of one kind (12 of the 20 styles; in-domain =
-the 8 styles left, cross-domain = the shapes and colours), and a mixed sequence. Each request
-starts from the previous output (train.py), so every method is applied sequentially as its own code
-would be. After every step: the forget accuracy of every concept forgotten so far (does anything
-come back?), retained in-domain and cross-domain means with 95% intervals and their worst concept,
-and the quality proxy (toy/evaluate.py). Resumable per method and step: a finished step's model
-is kept and read back. Writes DOCS/benchmark.md, DOCS/benchmark.csv and DOCS/benchmark.png.
+The protocol (CUIG's, Lee et al., ICLR 2026, with the toy classifier): 12 requests of one kind, each
+on the previous output (train.py), and a mixed sequence. Three rules make methods comparable:
+  - matched forgetting: at every request every method gets the mildest strength that brings the
+    request's concept to <= 10% (train.py --match-forgetting: steps on a ladder checked on 16 images
+    no evaluation draws; UCE: its mildest preserve weight); the table gives the steps, image-gradients
+    and minutes each took. Variants with a fixed `--steps` (the `@60` rows: DUGE's budget) skip it.
+  - held-out retention: toy/concepts.HELD_OUT (3 styles, 3 shapes, 2 colours) never reaches any
+    method (memory, related set, generic captions, UCE's preserve set, the gradient projection), so
+    "retained, held out" is erosion on concepts no method saw; "retained, seen" is the rest.
+  - baselines equipped: each also runs (name+) with phi_0 as its reference and image source, replay
+    of the ledger's concepts, and CUIG's gradient projection (UCE: re-solved from phi_0 over every
+    concept so far, its own multi-concept form).
+After every request: each forgotten concept's accuracy, the retained groups' means with 95% Wilson
+intervals and their worst concept, and the quality proxy (toy/evaluate.py); over seeds, the mean and
+the range. Resumable per variant, seed and request: each finished request's trained tensors and ledger
+go to DOCS/benchmark-state/ (small; commit them) and the model is rebuilt from them in a new checkout.
+Writes DOCS/benchmark[-SEQUENCE].md, .csv and .png.
 """
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import checkpoint
@@ -28,20 +42,17 @@ import request
 import sample
 import train
 
-# Every named variant: a method and its train.py flags, and what it tests (`--list` prints this table).
-# The baselines' strengths were chosen once, on the first request alone, as the mildest setting that
-# forgets it to <= 10% (--calibrate; docs/results.md).
+EQUIP = ["--reference", "phi0", "--replay", "--gp"]     # what DUGE has, given to a baseline
 ROBUST = ["--trainable", "attn2", "--adversarial", "5"]   # the robust variant's attack, on every attn2 tensor
+# Every named variant: a method and its train.py flags, and what it tests (`--list` prints this table).
 VARIANTS = {
     "duge": ([], "DUGE, defaults"),
+    "duge@60": (["--steps", "60"], "DUGE at its default budget, no matching"),
     "duge-no-reg": (["--lambda-reg", "0"], "ablation: R_pr off, no distillation towards phi_0 on the memory"),
     "duge-no-pr": (["--lambda-pr", "0"], "ablation: L_pr off, no diffusion loss on the memory bank"),
     "duge-no-replay": (["--no-replay"], "ablation: earlier concepts not replayed in L_U"),
     "duge+gp": (["--gp"], "DUGE with CUIG's gradient projection"),
     "duge-paper": (["--recipe", "paper"], "DUGE as the paper is described (duge.RECIPES)"),
-    "duge-paper-cal": (["--recipe", "paper"], "the same, its strength chosen as the baselines' (--calibrate)"),
-    # each of the paper's departures alone on our first reconstruction (L_pr on the related concepts' images,
-    # the default when they were measured; the fifth, L_pr on the memory bank, is the default now)
     "duge+related-prior": (["--prior", "related"], "our first reconstruction: L_pr on the related concepts"),
     "duge+phin": (["--prior", "related", "--reference", "phin"], "... with phi_n as the frozen reference"),
     "duge+uncond": (["--prior", "related", "--target", "uncond"], "... with the empty prompt as L_U's target"),
@@ -64,165 +75,231 @@ VARIANTS = {
                                          "... L_adv 5, R_pr 3 at 100 steps"),
     "duge+robust-attn2-adv5-reg5-s100": (ROBUST + ["--lambda-adv", "5", "--lambda-reg", "5", "--steps", "100"],
                                          "... L_adv 5, R_pr 5 at 100 steps"),
-    "esd": (["--method", "esd"], "ESD-x (baselines.py)"),
-    "ca": (["--method", "ca"], "Concept Ablation"),
-    "uce": (["--method", "uce"], "UCE"),
-    "finetune": (["--method", "finetune"], "plain fine-tuning"),
-    "finetune+gp": (["--method", "finetune", "--gp"], "fine-tuning with CUIG's gradient projection"),
+    "esd": (["--method", "esd"], "ESD-x as its paper: the concept's name, phi_n, no replay"),
+    "esd+": (["--method", "esd", *EQUIP], "ESD-x given phi_0, replay and gradient projection"),
+    "esd-captions": (["--method", "esd", "--esd-prompt", "captions"], "ESD-x on whole captions (our old departure)"),
+    "esd@60": (["--method", "esd", "--steps", "60"], "ESD-x at DUGE's budget, no matching"),
+    "ca": (["--method", "ca"], "Concept Ablation (model-based), phi_n, no replay"),
+    "ca+": (["--method", "ca", *EQUIP], "CA given phi_0, replay and gradient projection"),
+    "ca@60": (["--method", "ca", "--steps", "60"], "CA at DUGE's budget, no matching"),
+    "uce": (["--method", "uce"], "UCE, each request from the previous model"),
+    "uce+": (["--method", "uce", "--reference", "phi0", "--replay"],
+             "UCE re-solved from phi_0 over every concept so far (its multi-concept form)"),
+    "finetune": (["--method", "finetune"], "plain fine-tuning on the anchor's images"),
+    "finetune+": (["--method", "finetune", *EQUIP], "fine-tuning given phi_0, replay and gradient projection"),
+    "finetune@60": (["--method", "finetune", "--steps", "60"], "fine-tuning at DUGE's budget, no matching"),
+    "finetune+gp": (["--method", "finetune", "--gp"], "fine-tuning with CUIG's gradient projection alone"),
 }
 SEQUENCES = {
     "styles": ["van gogh", "monet", "picasso", "mondrian", "hokusai", "pollock", "klimt", "kandinsky", "rothko",
-               "escher", "turner", "kusama"],   # kept: munch, seurat, warhol, matisse, cezanne, rembrandt,
-                                                # malevich, lichtenstein (each the close pair of one forgotten)
+               "escher", "turner", "kusama"],   # kept: seurat, warhol, matisse, cezanne, lichtenstein (seen)
+                                                # and munch, malevich, rembrandt (held out)
+    "styles-b": ["seurat", "warhol", "matisse", "cezanne", "lichtenstein", "van gogh", "klimt", "pollock", "escher",
+                 "turner", "kandinsky", "hokusai"],   # kept: monet, picasso, mondrian, rothko, kusama (seen)
     "mixed": ["van gogh", "star", "red", "monet", "circle", "blue", "picasso", "heart", "green", "mondrian",
               "square", "yellow"],
 }
+MATCH = "0.1"   # matched forgetting's target: the request's concept recognised on <= 10% of its check images
+# --all: the issue's run set, cheapest first so that a cut session leaves whole rows
+ALL = [(seq, v, s) for s in (0,) for seq in SEQUENCES
+       for v in ("duge", "esd", "esd+", "ca", "ca+", "uce", "uce+", "finetune", "finetune+")] + \
+      [(seq, "duge", s) for s in (1, 2) for seq in SEQUENCES]
 
 
-# Strengths tried by --calibrate, mildest first: training steps at the shared lr (1e-3) for the trained
-# baselines; for UCE, the weight of the preserved concepts (more weight: a milder edit).
-STEPS = ("5", "10", "25", "50", "100", "200", "400")
-STRENGTHS = {"esd": [["--steps", s] for s in STEPS], "ca": [["--steps", s] for s in STEPS],
-             "finetune": [["--steps", s] for s in STEPS],
-             "uce": [["--uce-preserve", w] for w in ("100", "30", "10", "3", "1", "0.3", "0.1")],
-             # the paper's recipe gives no weights: L_U's share of the loss, raised by lowering the two others
-             "duge-paper-cal": [["--lambda-pr", w, "--lambda-reg", w] for w in ("0.5", "0.1", "0.02", "0")]}
+def docs_name(sequence):
+    return "benchmark" if sequence == "styles" else f"benchmark-{request.slug(sequence)}"
 
 
-def forget_accuracy(weights, concept, n):
-    """How often the concept is still recognised: its own n evaluation images only."""
-    from toy import evaluate
-    its = [it for it in evaluate.items(n, [concept]) if evaluate.counts_for(it, concept, [concept])]
-    h, k = evaluate.score(its, evaluate.draw(checkpoint.load(weights), its), [concept], [concept])[concept]
-    return h / k
+# -----------------------------------------------------------------------------------------------
+# Running: one variant at one seed, request after request, resumable from committed state
+
+def metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
-def calibrate(methods, concept, outdir, n, extra):
-    """For each baseline, the mildest strength that forgets the first request's concept to <= 10%,
-    on that request alone. -> {method: flags}, also written to OUT/calibration.json."""
-    path, lines = outdir / "calibration.json", []
-    chosen = json.loads(path.read_text()) if path.exists() else {}   # other methods' choices stay
-    for m in [m for m in methods if m in STRENGTHS]:
-        for flags in STRENGTHS[m]:
-            out = outdir / "calibrate" / m / f"{'-'.join(flags).strip('-')}.safetensors"
-            if not out.exists() and train.main(["--forget", concept, "--out", str(out), *VARIANTS[m][0], *flags,
-                                               "--no-eval", "--no-grid", *extra]) != 0:
-                raise SystemExit(f"calibration of {m} with {' '.join(flags)} failed")
-            acc = forget_accuracy(out, concept, n)
-            lines.append(f"| {m} | `{' '.join(flags)}` | {100 * acc:.0f}% |")
-            print(f"  {m} {' '.join(flags)}: {concept} recognised {100 * acc:.0f}%", file=sys.stderr)
-            if acc <= 0.10:
-                chosen[m] = flags
-                break
-        else:
-            chosen[m] = flags  # none reached 10%: the strongest, and the table says so
+def state_path(docs, sequence, name, seed):
+    return Path(docs) / "benchmark-state" / request.slug(sequence) / f"{request.slug(name)}-seed{seed}.safetensors"
+
+
+def save_state(model_path, path):
+    """What a finished request leaves to resume from in a new checkout: the trained tensors and the
+    ledger (the rest of the model is the toy model's)."""
+    delta = load_file(str(request.output_paths(model_path)["delta"]))
+    model = checkpoint.load(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(chosen, indent=1))
-    return chosen, ["| method | setting | " + concept + " recognised |", "|---|---|---|"] + lines
+        save_file({k: v for k, v in delta.items() if k.startswith("theta.")}, str(tmp),
+                  metadata={"duge.ledger": model.meta["duge.ledger"], "file": Path(model_path).name})
 
 
-def run_variant(name, concepts, outdir, extra, bar):
-    """The requests of one variant, each on the previous output; -> one row per step."""
-    weights, rows = str(checkpoint.TOY_WEIGHTS), []
+def rebuild(state, folder):
+    """The model of the last request in `state`, rebuilt from the toy model with its trained tensors
+    and its delta file (phi_0's tensors: the toy model's own): -> its path in folder."""
+    tensors, meta = load_file(str(state)), metadata(state)
+    model = checkpoint.load(checkpoint.TOY_WEIGHTS, dtype=None)   # the file's dtype, as train.py writes it
+    trained = {k.removeprefix("theta.") for k in tensors}
+    phi0 = {f"phi0.{n}": p.detach().float().contiguous() for n, p in model.unet.named_parameters()
+            if ".attn2." in n or n in trained}
+    request.put(model, {k.removeprefix("theta."): v for k, v in tensors.items()})
+    model.meta["duge.ledger"] = meta["duge.ledger"]
+    out = Path(folder) / meta["file"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with checkpoint.atomic_path(request.output_paths(out)["delta"]) as tmp:
+        save_file(tensors | phi0, str(tmp), metadata={"duge.ledger": meta["duge.ledger"]})
+    checkpoint.save(model, out, format=model.format)
+    return out
+
+
+def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
+    """The requests of one variant at one seed, each on the previous output; -> one row per request."""
+    concepts, flags = SEQUENCES.get(sequence) or sequence.split(","), VARIANTS[name][0]
+    folder = Path(outdir) / request.slug(sequence) / name / f"seed{seed}"
+    state = state_path(docs, sequence, name, seed)
+    done = len(json.loads(metadata(state)["duge.ledger"])["steps"]) if state.exists() else 0
+    match = [] if "--steps" in flags else ["--match-forgetting", MATCH]
+    weights = str(checkpoint.TOY_WEIGHTS)
     for k, c in enumerate(concepts, 1):
-        out = outdir / name / f"step{k:02d}-{request.slug(c)}.safetensors"
-        bar.set_description(f"{name}: {k} {c}")
-        t = time.time()
-        if not out.exists():  # a finished step is kept: rerunning the command resumes after it
-            argv = ["--forget", c, "--weights", weights, "--out", str(out), *VARIANTS[name][0], *extra, "--resume"]
-            if train.main(argv) != 0:
+        out = folder / f"step{k:02d}-{request.slug(c)}.safetensors"
+        bar.set_description(f"{sequence} {name} seed {seed}: {k} {c}")
+        if k == done and not out.exists():
+            out = rebuild(state, folder)   # a new checkout: the last finished request from its committed state
+        if k > done:
+            argv = ["--forget", c, "--weights", weights, "--out", str(out), *flags, *match, "--seed", str(seed),
+                    "--eval-seed", str(seed), "--eval-n", str(eval_n), "--no-grid", "--resume", *extra]
+            if not out.exists() and train.main(argv) != 0:
                 raise SystemExit(f"{name}: request {k} ({c}) failed; rerun the same command to resume")
-        m = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"][-1]["metrics"]
-        s = m["summary"]
-        rows.append({"variant": name, "step": k, "concept": c, **{f"acc[{g}]": m["eval"][g] for g in concepts[:k]},
-                     "forgotten_max": max(m["eval"][g] for g in concepts[:k]),
-                     **{key: s.get(key) for key in COLUMNS[4:] if key in s},
-                     **{f"{key}_{end}": s[key + "_ci"][i] for key in INTERVALS if key + "_ci" in s
-                        for i, end in enumerate(("lo", "hi"))},
-                     "seconds": round(sum(m.get("seconds", {}).values()), 1) or round(time.time() - t, 1)})
+            save_state(out, state)
         weights = str(out)
         bar.update()
-    return rows
+    if not concepts or not Path(weights).exists():
+        return []
+    steps = json.loads(checkpoint.load(weights).meta["duge.ledger"])["steps"]
+    return [row(name, seed, k, concepts, s["metrics"]) for k, s in enumerate(steps, 1)]
 
 
-COLUMNS = ["variant", "step", "concept", "forgotten_max", "retained_in_domain", "retained_in_domain_base",
-           "retained_in_domain_worst", "retained_in_domain_worst_acc", "retained_cross_domain",
-           "retained_cross_domain_base", "retained_cross_domain_worst", "retained_cross_domain_worst_acc",
-           "quality_fd", "quality_fd_base", "seconds"]
-INTERVALS = ["retained_in_domain", "retained_in_domain_worst", "retained_cross_domain", "retained_cross_domain_worst"]
+GROUPS = ["retained_seen", "retained_held_out", "retained_in_domain", "retained_cross_domain"]
 
+
+def row(name, seed, k, concepts, m):
+    """One request's CSV row from its ledger metrics (a group absent from the summary stays empty)."""
+    s, acc = m.get("summary", {}), m.get("eval", {})
+    r = {"variant": name, "seed": seed, "step": k, "concept": concepts[k - 1],
+         "own": acc.get(concepts[k - 1]), "forgotten_max": max(acc.get(c, 0.0) for c in concepts[:k]),
+         "steps_taken": m.get("steps_taken"), "image_gradients": m.get("image_gradients"),
+         "seconds": round(sum(m.get("seconds", {}).values()), 1),
+         "quality_fd": s.get("quality_fd"), "quality_fd_base": s.get("quality_fd_base"),
+         **{f"acc[{c}]": acc.get(c) for c in concepts[:k]}}
+    for g in GROUPS:
+        r |= {g: s.get(g), g + "_base": s.get(g + "_base"), g + "_worst": s.get(g + "_worst"),
+              g + "_worst_acc": s.get(g + "_worst_acc")}
+        for key in (g, g + "_worst"):
+            lo, hi = s.get(key + "_ci") or (None, None)
+            r |= {key + "_lo": lo, key + "_hi": hi}
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+
+
+# -----------------------------------------------------------------------------------------------
+# Tables and figure
 
 def pct(v):
-    return "" if v is None else f"{100 * v:.0f}%" if isinstance(v, float) else str(v)
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def ci(r, key):
-    """' [lo, hi]': the 95% Wilson interval of a retained mean or worst concept, in points."""
-    lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
-    return "" if lo is None or hi is None else f" [{100 * lo:.0f}, {100 * hi:.0f}]"
+def over_seeds(rows, key):
+    """'mean' over seeds, with ' (lo-hi)' the range when there are several; '-' when absent."""
+    vs = [r[key] for r in rows if r.get(key) is not None]
+    if not vs:
+        return "-"
+    m = sum(vs) / len(vs)
+    return f"{100 * m:.0f}%" + (f" ({100 * min(vs):.0f}-{100 * max(vs):.0f})" if len(vs) > 1 else "")
 
 
-def retained(r, group):
-    """The cells of one group: the mean [interval] (base) and the worst concept's accuracy [interval]."""
-    return (f"{pct(r[group])}{ci(r, group)} ({pct(r[group + '_base'])})",
-            f"{r[group + '_worst']} {pct(r[group + '_worst_acc'])}{ci(r, group + '_worst')}")
+def cell(rows, g):
+    """A retained group at the last request: mean over seeds (range), or with one seed the mean
+    [95% interval]; then the worst concept and its accuracy."""
+    if len(rows) == 1:
+        r = rows[0]
+        if r.get(g) is None:
+            return "-", "-"
+        ci = f" [{100 * r[g + '_lo']:.0f}, {100 * r[g + '_hi']:.0f}]" if r.get(g + "_lo") is not None else ""
+        wci = (f" [{100 * r[g + '_worst_lo']:.0f}, {100 * r[g + '_worst_hi']:.0f}]"
+               if r.get(g + "_worst_lo") is not None else "")
+        return f"{pct(r[g])}{ci} ({pct(r[g + '_base'])})", f"{r[g + '_worst']} {pct(r[g + '_worst_acc'])}{wci}"
+    worst = min((r for r in rows if r.get(g + "_worst_acc") is not None), key=lambda r: r[g + "_worst_acc"],
+                default=None)
+    return over_seeds(rows, g), "-" if worst is None else f"{worst[g + '_worst']} {pct(worst[g + '_worst_acc'])} (seed {worst['seed']})"
 
 
-def write_outputs(rows, concepts, docs, calibration=()):
-    """The final step of every variant (and its worst step), every step in the CSV, and the figure."""
-    last = {}
-    for r in rows:
-        last[r["variant"]] = r
-    worst_forget = {v: max(r["forgotten_max"] for r in rows if r["variant"] == v) for v in last}
-    minutes = {v: sum(r["seconds"] or 0 for r in rows if r["variant"] == v) / 60 for v in last}
-    lines = ["| variant | steps | forgotten, worst at any step | retained in-domain [95%] (base) "
-             "| worst in-domain [95%] | retained cross-domain [95%] (base) | worst cross-domain [95%] "
-             "| quality FD (base) | minutes |", "|" + "---|" * 9]
-    for v, r in last.items():
-        cells = [v, r["step"], pct(worst_forget[v]), *retained(r, "retained_in_domain"),
-                 *retained(r, "retained_cross_domain"), f"{r['quality_fd']:.1f} ({r['quality_fd_base']:.1f})",
-                 f"{minutes[v]:.1f}"]
+def write_outputs(rows, concepts, docs, name="benchmark"):
+    """The last request of every variant (over its seeds), every request in the CSV, and the figure."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = lambda v: [r for r in rows if r["variant"] == v]
+    last_step = {v: max(r["step"] for r in by(v)) for v in variants}
+    head = ("| variant | seeds | requests | missed (own > 10%) | forgotten, worst at any step | retained seen (base) "
+            "| worst seen | retained held out (base) | worst held out | FD (base) | steps | image-gradients | minutes |")
+    lines = [head, "|" + "---|" * 13]
+    for v in variants:
+        rs, last = by(v), [r for r in by(v) if r["step"] == last_step[v]]
+        seeds = sorted({r["seed"] for r in rs})
+        per_seed = lambda key: [sum(r[key] or 0 for r in rs if r["seed"] == s) for s in seeds]
+        fd = [r["quality_fd"] for r in last if r.get("quality_fd") is not None]
+        fd_cell = "-" if not fd else (f"{sum(fd) / len(fd):.1f}" + (f" ({min(fd):.1f}-{max(fd):.1f})" if len(fd) > 1 else "")
+                                      + f" ({last[0]['quality_fd_base']:.1f})")
+        mean = lambda xs: sum(xs) / len(xs)
+        cells = [v, len(seeds), last_step[v], f"{mean([sum((r['own'] or 0) > 0.10 for r in rs if r['seed'] == s) for s in seeds]):.1f}",
+                 pct(max(r["forgotten_max"] for r in rs)), *cell(last, "retained_seen"), *cell(last, "retained_held_out"),
+                 fd_cell, f"{mean(per_seed('steps_taken')):.0f}", f"{mean(per_seed('image_gradients')):,.0f}",
+                 f"{mean(per_seed('seconds')) / 60:.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    steps = ["", "| variant | step | concept | forgotten (worst) | in-domain [95%] (base) | worst in-domain [95%] "
-             "| cross-domain [95%] (base) | worst cross-domain [95%] | FD | seconds |", "|" + "---|" * 10]
+    steps = ["", "| variant | seed | request | concept | steps | own | forgotten (worst) | seen [95%] | held out [95%] "
+                 "| worst held out | in-domain | cross-domain | FD | seconds |", "|" + "---|" * 14]
     for r in rows:
-        cells = [r["variant"], r["step"], r["concept"], pct(r["forgotten_max"]), *retained(r, "retained_in_domain"),
-                 *retained(r, "retained_cross_domain"), f"{r['quality_fd']:.1f}", r["seconds"]]
+        ci = lambda g: "" if r.get(g + "_lo") is None else f" [{100 * r[g + '_lo']:.0f}, {100 * r[g + '_hi']:.0f}]"
+        cells = [r["variant"], r["seed"], r["step"], r["concept"], r["steps_taken"], pct(r["own"]), pct(r["forgotten_max"]),
+                 pct(r["retained_seen"]) + ci("retained_seen"), pct(r["retained_held_out"]) + ci("retained_held_out"),
+                 f"{r['retained_held_out_worst'] or '-'} {pct(r['retained_held_out_worst_acc'])}",
+                 pct(r["retained_in_domain"]), pct(r["retained_cross_domain"]),
+                 "-" if r["quality_fd"] is None else f"{r['quality_fd']:.1f}", r["seconds"]]
         steps.append("| " + " | ".join(map(str, cells)) + " |")
-    if calibration:
-        lines += ["", "Each baseline's strength, chosen on the first request alone (the mildest that forgets it "
-                      "to <= 10%):", "", *calibration]
-    text = (f"# Continual benchmark: {', '.join(concepts)}\n\n" + "\n".join(lines) +
-            "\n\n<details><summary>every step</summary>\n" + "\n".join(steps) + "\n\n</details>\n")
-    with checkpoint.atomic_path(docs / "benchmark.md") as tmp:
+    text = (f"# Continual benchmark: {', '.join(concepts)}\n\nWritten by `python -m experiments.benchmark` "
+            f"(experiments/benchmark.py explains every column). Each variant's last request; over several seeds, "
+            f"the mean and (in brackets) the range over seeds, the worst concept over all seeds; with one seed, "
+            f"95% Wilson intervals. `missed`: requests whose own concept was still recognised on > 10% of the "
+            f"evaluation's images.\n\n" + "\n".join(lines) +
+            "\n\n<details><summary>every request</summary>\n" + "\n".join(steps) + "\n\n</details>\n")
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    with checkpoint.atomic_path(docs / f"{name}.md") as tmp:
         tmp.write_text(text)
-    cols = (COLUMNS[:3] + [f"acc[{c}]" for c in concepts] + COLUMNS[3:]
-            + [f"{key}_{end}" for key in INTERVALS for end in ("lo", "hi")])
-    with checkpoint.atomic_path(docs / "benchmark.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with checkpoint.atomic_path(docs / f"{name}.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    plot(rows, docs / "benchmark.png")
+    plot(rows, docs / f"{name}.png")
     return text
 
 
-PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_in_domain", "retained in-domain"),
-          ("retained_cross_domain", "retained cross-domain"), ("quality_fd", "quality: Frechet distance")]
+PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_seen", "retained, seen"),
+          ("retained_held_out", "retained, held out"), ("quality_fd", "quality: Frechet distance")]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 
 
 def plot(rows, path):
-    """Four panels over the requests, one line per variant (as CUIG's figures): forgotten, retained
-    in-domain, retained cross-domain (0-100%), and the quality proxy (lower is better; dotted: base)."""
+    """Four panels over the requests, one line per variant (its mean over seeds; the band: the range
+    over seeds), as CUIG's figures: forgotten, retained seen, retained held out (0-100%), and the
+    quality proxy (lower is better; dotted: the base model)."""
     from PIL import Image, ImageDraw
     pw, ph, m = 330, 240, 38
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     legend = 16 * ((len(variants) + 2) // 3) + 8
     img = Image.new("RGB", (4 * pw, ph + legend), "white")
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img, "RGBA")
     steps = max(r["step"] for r in rows)
-    top_fd = max(max(r["quality_fd"], r["quality_fd_base"]) for r in rows) * 1.1 or 1
+    fds = [v for r in rows for v in (r.get("quality_fd"), r.get("quality_fd_base")) if v is not None]
+    top_fd = max(fds, default=1.0) * 1.1 or 1.0
     for i, (key, title) in enumerate(PANELS):
         x0 = i * pw
         x = lambda s: x0 + m + (pw - m - 10) * s / max(steps, 1)
@@ -237,42 +314,87 @@ def plot(rows, path):
             d.text((x(s) - 3, ph - m + 5), str(s), fill="black")
         d.text((x0 + pw // 2 - 20, ph - 16), "request", fill="black")
         for j, v in enumerate(variants):
-            rs = [r for r in rows if r["variant"] == v]
             colour = COLOURS[j % len(COLOURS)]
-            start = {"forgotten_max": None, "quality_fd": rs[0]["quality_fd_base"]}.get(key, rs[0].get(key + "_base"))
-            pts = ([(x(0), y(start))] if start is not None else []) + [(x(r["step"]), y(r[key])) for r in rs]
+            at = {}
+            for r in rows:
+                if r["variant"] == v and r.get(key) is not None:
+                    at.setdefault(r["step"], []).append(r[key])
+            ks = sorted(at)
+            if len(ks) > 1 and any(len(at[k]) > 1 for k in ks):   # the range over seeds
+                band = [(x(k), y(max(at[k]))) for k in ks] + [(x(k), y(min(at[k]))) for k in reversed(ks)]
+                d.polygon(band, fill=tuple(int(colour[c:c + 2], 16) for c in (1, 3, 5)) + (50,))
+            pts = [(x(k), y(sum(at[k]) / len(at[k]))) for k in ks]
             if len(pts) > 1:
                 d.line(pts, fill=colour, width=2)
             for p in pts:
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
-        if key == "quality_fd":
-            yb = y(rows[0]["quality_fd_base"])
+        base = next((r["quality_fd_base"] for r in rows if r.get("quality_fd_base") is not None), None)
+        if key == "quality_fd" and base is not None:
             for xs in range(int(x(0)), int(x(steps)), 6):
-                d.point((xs, yb), fill="black")
+                d.point((xs, y(base)), fill="black")
     for j, v in enumerate(variants):
         d.text((m + (j % 3) * 300, ph + 4 + 16 * (j // 3)), f"-- {v}", fill=COLOURS[j % len(COLOURS)])
     sample.save_image(img, path)
 
 
+# -----------------------------------------------------------------------------------------------
+# The noise floor: how much two evaluations of the SAME model differ
+
+def noise_floor(paths, seeds, n, docs):
+    """Each model evaluated at several evaluation seeds (other images of the same prompts): the spread
+    of every figure the benchmark reports, with no training in between. -> markdown."""
+    from toy import evaluate
+    lines = ["| model | eval seed | forgotten | retained seen | worst seen | retained held out | worst held out "
+             "| FD |", "|" + "---|" * 8]
+    spread = {}
+    for path in paths:
+        model = checkpoint.load(path)
+        gone = checkpoint.forgotten(model)
+        phi0 = request.load_phi0(model)
+        for s in seeds:
+            r = evaluate.evaluate(model, gone, n, phi0.applied, Path("cache") / "noise_floor" / "base_eval.json", s)
+            sm = r["summary"]
+            worst = lambda g: f"{sm.get(g + '_worst', '-')} {pct(sm.get(g + '_worst_acc'))}"
+            lines.append(f"| {Path(path).name} | {s} | {pct(sm['forgotten']) if gone else '-'} | "
+                         f"{pct(sm['retained_seen'])} | {worst('retained_seen')} | {pct(sm['retained_held_out'])} | "
+                         f"{worst('retained_held_out')} | {sm['quality_fd']:.2f} |")
+            for key in ("retained_seen", "retained_held_out", "retained_held_out_worst_acc", "quality_fd"):
+                spread.setdefault((Path(path).name, key), []).append(sm[key])
+    lines += ["", "| model | figure | min | max | range |", "|---|---|---|---|---|"]
+    for (name, key), vs in spread.items():
+        f = (lambda v: f"{v:.2f}") if key == "quality_fd" else (lambda v: f"{100 * v:.1f}%")
+        lines.append(f"| {name} | {key} | {f(min(vs))} | {f(max(vs))} | {f(max(vs) - min(vs))} |")
+    text = ("# The noise floor\n\nWritten by `python -m experiments.benchmark --noise-floor`: each model evaluated "
+            f"at evaluation seeds {', '.join(map(str, seeds))} ({n} images per style), the same prompts drawn with "
+            "other seeds. A difference between two methods smaller than a figure's range here is not a "
+            "difference.\n\n" + "\n".join(lines) + "\n")
+    with checkpoint.atomic_path(Path(docs) / "noise_floor.md") as tmp:
+        tmp.write_text(text)
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="The continual-unlearning benchmark in the toy world.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--methods", default="duge,esd,ca,uce,finetune", help="comma-separated variants (--list)")
+    ap.add_argument("--methods", default="duge,esd,esd+,ca,ca+,uce,uce+,finetune,finetune+",
+                    help="comma-separated variants (--list)")
     ap.add_argument("--list", action="store_true", help="print every named variant, its flags and what it tests")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                     help="an ad-hoc variant, e.g. --variant \"reg3=--lambda-reg 3\" (then use it in --methods)")
-    ap.add_argument("--sequence", default="styles",
-                    help=f"{' or '.join(SEQUENCES)}, or comma-separated concepts in order")
-    ap.add_argument("--eval-n", type=int, default=32, help="images per style in each evaluation")
-    ap.add_argument("--out", default="out/benchmark", help="folder of the models of every step")
-    ap.add_argument("--docs", default="docs", help="where benchmark.md / .csv / .png go")
-    ap.add_argument("--extra", default="", help="extra train.py arguments for every request, e.g. '--steps 50'")
-    ap.add_argument("--calibrate", action="store_true",
-                    help="first choose each baseline's strength on the first request alone (the mildest that "
-                         "forgets it to <= 10%%); later runs read it from OUT/calibration.json")
+    ap.add_argument("--sequence", default="styles", help=f"{', '.join(SEQUENCES)}, or comma-separated concepts")
+    ap.add_argument("--seeds", type=int, default=1, help="training and evaluation seeds 0..N-1")
+    ap.add_argument("--all", action="store_true", help="every run of the benchmark's docs (all sequences: DUGE at 3 "
+                                                       "seeds, each baseline plain and equipped at seed 0)")
+    ap.add_argument("--noise-floor", action="store_true", help="evaluate the base model and DUGE's last styles model "
+                                                               "at 3 evaluation seeds (docs/noise_floor.md)")
+    ap.add_argument("--eval-n", type=int, default=16,
+                    help="images per style (and at least per shape and colour) in each evaluation")
+    ap.add_argument("--out", default="out/benchmark", help="folder of the models of every request")
+    ap.add_argument("--docs", default="docs", help="where the tables, figures and resumable state go")
+    ap.add_argument("--extra", default="", help="extra train.py arguments for every request, e.g. '--lr 2e-3'")
     args = ap.parse_args(argv)
     if args.list:
-        print("\n".join(f"{name:36} {' '.join(flags) or '(defaults)':60} {why}" for name, (flags, why) in VARIANTS.items()))
+        print("\n".join(f"{name:30} {' '.join(flags) or '(defaults)':60} {why}" for name, (flags, why) in VARIANTS.items()))
         return 0
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -282,28 +404,30 @@ def main(argv=None):
         VARIANTS[name.strip()] = (flags.split(), "ad hoc")
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
-    concepts = SEQUENCES.get(args.sequence) or [c.strip().lower() for c in args.sequence.split(",") if c.strip()]
     if unknown or not variants:
         print(f"error: unknown variant {', '.join(unknown) or '(none)'}; --list shows them, --variant adds one",
               file=sys.stderr)
         return 2
-    if args.eval_n < 1:
-        print(f"error: --eval-n {args.eval_n}: must be positive", file=sys.stderr)
+    if args.eval_n < 1 or args.seeds < 1:
+        print("error: --eval-n and --seeds must be positive", file=sys.stderr)
         return 2
-    extra = ["--eval-n", str(args.eval_n), "--no-grid", *args.extra.split()]
-    out, table = Path(args.out), []
-    if args.calibrate:
-        chosen, table = calibrate(variants, concepts[0], out, args.eval_n, args.extra.split())
-        print("\n".join(table))
-    saved = out / "calibration.json"
-    for m, flags in (json.loads(saved.read_text()) if saved.exists() else {}).items():
-        VARIANTS[m] = (VARIANTS[m][0] + flags, VARIANTS[m][1])
-    rows = []
-    with tqdm(total=len(variants) * len(concepts), desc="benchmark", unit="request") as bar:
-        for v in variants:
-            rows += run_variant(v, concepts, out, extra, bar)
-    Path(args.docs).mkdir(parents=True, exist_ok=True)
-    print(write_outputs(rows, concepts, Path(args.docs), table))
+    if args.noise_floor:
+        last = state_path(args.docs, "styles", "duge", 0)
+        paths = [checkpoint.TOY_WEIGHTS] + ([rebuild(last, Path(args.out) / "noise_floor")] if last.exists() else [])
+        print(noise_floor(paths, [0, 1, 2], args.eval_n, args.docs))
+        return 0
+    plan = ALL if args.all else [(args.sequence, v, s) for s in range(args.seeds) for v in variants]
+    extra = args.extra.split()
+    t = time.time()
+    with tqdm(total=len(plan) * 12, desc="benchmark", unit="request") as bar:
+        for sequence in dict.fromkeys(seq for seq, _, _ in plan):
+            concepts = SEQUENCES.get(sequence) or [c.strip().lower() for c in sequence.split(",") if c.strip()]
+            rows = []
+            for seq, v, s in plan:
+                if seq == sequence:
+                    rows += run(sequence, v, s, args.out, args.docs, args.eval_n, extra, bar)
+                    print(write_outputs(rows, concepts, args.docs, docs_name(sequence)).split("\n\n<details>")[0])
+    print(f"benchmark: {(time.time() - t) / 60:.1f} minutes", file=sys.stderr)
     return 0
 
 

@@ -315,7 +315,8 @@ def test_help_shows_defaults():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     text = " ".join(r.stdout.split())
     for expected in ("training steps (default: 60 on the toy model, 200 on SD)", "AdamW learning rate (default: 0.001 on the toy model, 1e-05 on SD)",
-                     "(default: 32 on the toy model, 8 on SD)", "--num-prompts", "(default: cache)", "--method {duge,esd,ca,uce,finetune}"):
+                     "(default: 32 on the toy model, 8 on SD)", "--num-prompts", "(default: cache)", "--method {duge,esd,ca,uce,finetune}",
+                     "(default: phi0 for DUGE, phin for a baseline)", "(default: True for DUGE, False for a baseline)"):
         assert expected in text, expected
 
 

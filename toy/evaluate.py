@@ -76,8 +76,9 @@ class Item:
         return {self.style, self.shape, self.colour} - {world.PHOTO}
 
 
-def items(n, forgotten=()):
-    """The evaluation images for a ledger (see the module docstring)."""
+def items(n, forgotten=(), seed=0):
+    """The evaluation images for a ledger (see the module docstring); another seed: the same prompts,
+    other images (disjoint seeds)."""
     gone = set(forgotten)
     shapes = [s for s in world.SHAPES if s not in gone] or world.SHAPES
     colours = [c for c in world.COLOURS if c not in gone] or world.COLOURS
@@ -86,7 +87,8 @@ def items(n, forgotten=()):
     def add(style, shape, colour):
         prompt = world._articles(f"a {colour} {shape}" + ("" if style == world.PHOTO else f" in the style of {style}"))
         rep = seen[prompt] = seen.get(prompt, -1) + 1
-        out.append(Item(prompt, zlib.crc32(prompt.encode()) % 1_000_003 + 7919 * rep, style, shape, colour))
+        out.append(Item(prompt, zlib.crc32(prompt.encode()) % 1_000_003 + 7919 * rep + 10_000_019 * seed, style, shape,
+                        colour))
 
     fill = lambda j: (shapes[j % len(shapes)], colours[(j + j // len(shapes)) % len(colours)])
     for k, style in enumerate(world.STYLES):       # fillers depend on the style's position only
@@ -209,7 +211,8 @@ wilson, pct, summary_lines = shared.wilson, shared.pct, shared.summary_lines
 
 
 def summarise(acc, base, forgotten, n=None):
-    return shared.summarise(acc, base, forgotten, world.concept_kind, n)
+    from toy.concepts import HELD_OUT
+    return shared.summarise(acc, base, forgotten, world.concept_kind, n, HELD_OUT)
 
 
 def table(acc_by_model, forgotten=(), n=None):
@@ -220,12 +223,24 @@ def table(acc_by_model, forgotten=(), n=None):
 # What train.py and the benchmark call
 
 
-def evaluate(model, forgotten, n, base_model=None, base_cache=None):
+CHECK_SEED = 1000   # recognised()'s images: seeds no evaluation draws (train.py --eval-seed is 0, 1, 2...)
+
+
+def recognised(model, concept, forgotten=(), n=16):
+    """How often the concept is still recognised, on n images naming it drawn with CHECK_SEED (never
+    an evaluation's images): the check of train.py --match-forgetting."""
+    gone = list(dict.fromkeys([*forgotten, concept]))
+    its = [it for it in items(n, gone, CHECK_SEED) if counts_for(it, concept, gone)][:n]
+    h, k = score(its, draw(model, its, desc="check"), gone, [concept])[concept]
+    return h / k
+
+
+def evaluate(model, forgotten, n, base_model=None, base_cache=None, seed=0):
     """Accuracy of every concept now and under the base model, on the same images.
     base_model: a context manager that swaps the base model in (phi_0.applied); base_cache: a path
     whose JSON holds the base model's results per image, so each image is drawn for the base only once.
-    -> {"eval", "base", "images", "summary"}"""
-    its = items(n, forgotten)
+    seed: which images (items()). -> {"eval", "base", "images", "summary"}"""
+    its = items(n, forgotten, seed)
     cache = json.loads(base_cache.read_text()) if base_cache is not None and base_cache.exists() else {}
     if any(it.key not in cache for it in its):
         with base_model():
@@ -247,10 +262,10 @@ def evaluate(model, forgotten, n, base_model=None, base_cache=None):
     return {"eval": acc, "base": base, "images": n_by, "summary": summary}
 
 
-def report(model, phi0, gone, n, md_path, csv_path, base_cache):
+def report(model, phi0, gone, n, md_path, csv_path, base_cache, seed=0):
     """After a request (train.py): the table of every concept under phi_0 and now, in markdown and CSV;
     prints the summary. -> {"eval", "summary"}"""
-    r = evaluate(model, gone, n, phi0.applied, base_cache)
+    r = evaluate(model, gone, n, phi0.applied, base_cache, seed)
     return shared.write_report(r, gone, world.concept_kind, md_path, csv_path)
 
 

@@ -1,0 +1,214 @@
+"""The benchmark's protocol: held-out concepts no method sees, matched forgetting request by request,
+baselines given what DUGE has, resumable state, and tables written whatever groups are empty."""
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+
+import adversarial
+import baselines
+import checkpoint
+import concepts
+import duge
+import request
+import trainer
+from tests.test_train import FAST, tiny_sd
+from toy.concepts import HELD_OUT, ToyConcepts
+
+ALL_METHODS = {
+    "duge": lambda: duge.Duge(duge.DugeConfig()),
+    "duge-paper": lambda: duge.Duge(duge.DugeConfig(**duge.RECIPES["paper"])),
+    "duge-related": lambda: duge.Duge(duge.DugeConfig(prior="related")),
+    "robust": lambda: adversarial.RobustDuge(duge.DugeConfig(), adversarial.RobustConfig(adversarial=5), 8, 0, 3.0),
+    "esd": lambda: baselines.Esd(baselines.BaselineConfig()),
+    "esd-captions": lambda: baselines.Esd(baselines.BaselineConfig(esd_prompt="captions")),
+    "ca": baselines.Ca, "finetune": baselines.Finetune,
+}
+
+
+def mentions(texts, names):
+    return {n for t in texts for n in names if re.search(rf"\b{re.escape(n)}\b", t)}
+
+
+@pytest.mark.parametrize("world,sequence", [
+    (ToyConcepts(0), ["van gogh", "star", "red", "monet", "circle", "blue", "picasso", "square", "green"]),
+    (ToyConcepts(3), ["seurat", "warhol", "turner", "kusama", "mondrian"]),
+    (concepts.SDConcepts(), ["van gogh", "apple", "dog", "picasso", "cat", "car"]),
+])
+def test_held_out_concepts_never_reach_any_method(world, sequence):
+    """Request after request, for every method with and without replay: no prompt of any data group,
+    no concept of the memory (DUGE's R_pr / L_pr, UCE's preserve set, the gradient projection's
+    subspace), no related concept and no generic caption names a held-out concept, even when the
+    related set takes every candidate; the evaluation still measures them."""
+    held = world.held_out
+    assert held and all(h in world.known(world.kind(h)) for h in held)          # measured ...
+    assert not {h for k in ("style", "object", "colour") for h in world.candidates(k)} & set(held)   # ... never given
+    for name, make in ALL_METHODS.items():
+        for replay in (True, False):
+            ledger = {"steps": []}
+            for c in sequence:
+                kind = world.kind(c)
+                plan = duge.plan(ledger, c, "", kind, world.candidates, lambda pool: pool, replay=replay)
+                p = request.prompts_for(world, plan, 8, 24)
+                method = make()
+                texts = [t for g in method.data(p).values() for ts in g.values() for t in ts]
+                seen = mentions(texts + plan.memory + plan.related + p.memory + p.targets, held)   # UCE: targets
+                assert not seen, (name, c, seen)
+                assert mentions(p.memory, [s for s in plan.memory])                 # the memory is there
+                ledger["steps"].append({"concept": c, "anchor": "", "kind": kind, "retain": plan.related})
+
+
+def test_summary_reports_held_out_apart_with_its_worst_concept():
+    from toy import evaluate
+    acc = {c: 1.0 for c in evaluate.concepts()} | {"van gogh": 0.0, "munch": 0.5, "monet": 0.75, "moon": 0.25}
+    base = {c: 1.0 for c in acc}
+    n = {c: 32 for c in acc}
+    s = evaluate.summarise(acc, base, ["van gogh"], n)
+    held = [c for c in HELD_OUT]
+    assert s["retained_held_out"] == pytest.approx((0.5 + 0.25 + len(held) - 2) / len(held))
+    assert s["retained_held_out_worst"] == "moon" and s["retained_held_out_worst_acc"] == 0.25
+    seen = [c for c in acc if c not in held and c != "van gogh"]
+    assert s["retained_seen"] == pytest.approx((0.75 + len(seen) - 1) / len(seen))
+    assert s["retained_seen_worst"] == "monet"
+    lo, hi = s["retained_held_out_worst_ci"]
+    assert lo < 0.25 < hi
+    lines = "\n".join(evaluate.summary_lines(s))
+    assert "retained, held out from every method" in lines and "worst moon 25%" in lines
+
+
+def test_matched_forgetting_stops_at_the_first_rung_that_meets_the_target(tmp_path):
+    """steps_until checks only at the rungs and stops at the first at or under the target; the model
+    it stops with is what training that many steps gives (the same run continued)."""
+    said = iter([0.5, 0.25, 0.10, 0.0])
+    enough, checks = request.steps_until(lambda: next(said), [2, 4, 6, 8], 0.10)
+    stop = next(k for k in range(1, 9) if enough(k))
+    assert stop == 6 and checks == [(2, 0.5), (4, 0.25), (6, 0.10)]   # <= target: 10% itself meets it
+
+    w = tiny_sd(tmp_path / "m.safetensors")
+    cfg = dataclasses.replace(trainer.PRESETS["sd"], steps=8, num_prompts=1, images_per_prompt=1, generic=2,
+                              num_related=1, batch=1, micro_batch=0, checkpointing=False)
+    trained = []
+    for steps, enough in ((8, request.steps_until(iter([0.5, 0.3, 0.05, 0.0]).__next__, [2, 4, 6, 8])[0]),
+                          (6, None)):
+        model = checkpoint.load(w)
+        method = baselines.Finetune()
+        req = request.prepare(model, method, concepts.SDConcepts(), "apple", dataclasses.replace(cfg, steps=steps),
+                              cache=tmp_path / "cache", sampling={"steps": 2})
+        history = request.train(model, method, req, dataclasses.replace(cfg, steps=steps), progress=False,
+                                enough=enough)
+        trained.append((len(history), {n: p.detach().clone() for n, p in model.unet.named_parameters()}))
+    assert trained[0][0] == trained[1][0] == 6
+    assert all(torch.equal(v, trained[1][1][n]) for n, v in trained[0][1].items())
+
+
+def test_uce_matched_forgetting_takes_its_mildest_preserve_weight_that_forgets(tmp_path, monkeypatch):
+    """train.py --method uce --match-forgetting: each rung re-solved from the request's start; the
+    first weight whose check meets the target is kept (the model equals --uce-preserve at that weight)."""
+    import train
+    from toy import evaluate
+    said = iter([0.5, 0.05, 0.0])
+    monkeypatch.setattr(evaluate, "recognised", lambda *a, **k: next(said))
+    out, plain = tmp_path / "m.safetensors", tmp_path / "p.safetensors"
+    common = ["--forget", "van gogh", "--method", "uce", "--no-eval", "--no-grid", "--cache", str(tmp_path / "c")]
+    assert train.main([*common, "--out", str(out), "--match-forgetting", "0.1"]) == 0
+    m = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"][0]["metrics"]
+    assert m["checks"] == [[train.UCE_LADDER[0], 0.5], [train.UCE_LADDER[1], 0.05]]
+    assert train.main([*common, "--out", str(plain), "--uce-preserve", str(train.UCE_LADDER[1])]) == 0
+    a, b = (dict(checkpoint.load(p).unet.named_parameters()) for p in (out, plain))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_equipped_baseline_trains_on_phi0s_images_of_every_forgotten_concept(tmp_path):
+    """--reference phi0 --replay for a baseline: request 2's reference is phi_0, its images are the
+    ORIGINAL model's, and its concept rows hold the first request's concept too; plain, the images are
+    the current model's and only this request's concept is there."""
+    import sample
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    first = tmp_path / "first.safetensors"
+    assert train.main(["--forget", "van gogh", "--weights", str(w), "--out", str(first), "--method", "esd",
+                       "--no-grid", *FAST, "--steps", "20", "--lr", "0.05", "--cache", str(tmp_path / "c1")]) == 0
+    model, base = checkpoint.load(first), checkpoint.load(w)
+    cfg = dataclasses.replace(trainer.PRESETS["sd"], num_prompts=1, images_per_prompt=1, generic=2, num_related=1)
+    sampling = {"steps": 2, "guidance": model.guidance}
+    for equip in (True, False):
+        own = [baselines.BaselineConfig(reference="phi0", replay=True) if equip else baselines.BaselineConfig()]
+        method = train.new_method("esd", cfg, own, model.guidance)
+        req = request.prepare(model, method, concepts.SDConcepts(), "apple", cfg, cache=tmp_path / f"c{equip}",
+                              sampling=sampling)
+        x, c = req.data["unlearn"]["x"], req.data["unlearn"]["c_target"]
+        assert (req.ref is req.phi0) == equip
+        assert req.prompts.names == (["van gogh", "apple"] if equip else ["apple"])
+        torch.testing.assert_close(c, sample.encode_prompts(model, req.prompts.names))   # ESD: the name alone
+        who = base if equip else model
+        assert torch.equal(x, sample.generate_cached(who, req.prompts.targets, 1, tmp_path / f"d{equip}", **sampling))
+
+
+def test_equipped_uce_is_solved_from_phi0_over_every_concept_so_far(tmp_path):
+    """uce --reference phi0 --replay: request 2 does not depend on what request 1 did (it starts from the
+    original and erases both concepts at once), so two different first requests give the same model."""
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    finals = []
+    for k, first in enumerate((["--uce-preserve", "10"], ["--reference", "phi0", "--replay"])):
+        a, b = tmp_path / f"a{k}.safetensors", tmp_path / f"b{k}.safetensors"
+        assert train.main(["--forget", "van gogh", "--weights", str(w), "--out", str(a), "--method", "uce",
+                           *first, "--no-grid", *FAST]) == 0
+        assert train.main(["--forget", "apple", "--weights", str(a), "--out", str(b), "--method", "uce", "--reference",
+                           "phi0", "--replay", "--no-grid", *FAST]) == 0
+        finals.append(dict(checkpoint.load(b).unet.named_parameters()))
+    assert all(torch.equal(v, finals[1][n]) for n, v in finals[0].items())
+    base = dict(checkpoint.load(w).unet.named_parameters())
+    assert any(not torch.equal(v, base[n]) for n, v in finals[0].items())
+
+
+def test_benchmark_state_rebuilds_the_same_model_in_a_new_checkout(tmp_path):
+    """What the benchmark commits after a request (trained tensors and ledger) rebuilds the model file
+    and the delta file train.py wrote, tensor for tensor."""
+    import train
+    from experiments import benchmark
+    from safetensors.torch import load_file
+    out = tmp_path / "run" / "step01-van-gogh.safetensors"
+    assert train.main(["--forget", "van gogh", "--out", str(out), "--method", "uce", "--no-eval", "--no-grid",
+                       "--cache", str(tmp_path / "c")]) == 0
+    state = tmp_path / "state.safetensors"
+    benchmark.save_state(out, state)
+    assert state.stat().st_size < 2_000_000                       # small enough to commit
+    again = benchmark.rebuild(state, tmp_path / "new")
+    a, b = checkpoint.load(out, dtype=None), checkpoint.load(again, dtype=None)
+    assert a.meta["duge.ledger"] == b.meta["duge.ledger"]
+    pa, pb = dict(a.unet.named_parameters()), dict(b.unet.named_parameters())
+    assert all(torch.equal(v, pb[n]) and v.dtype == pb[n].dtype for n, v in pa.items())
+    da, db = (load_file(str(request.output_paths(p)["delta"])) for p in (out, again))
+    assert set(da) == set(db) and all(torch.equal(v, db[k]) for k, v in da.items())
+
+
+def test_tables_and_figure_are_written_whatever_groups_are_empty(tmp_path):
+    """The mixed sequence hits every kind: no cross-domain concept is left, and that column stays empty
+    instead of failing (it raised KeyError). Several seeds: mean and range."""
+    from PIL import Image
+
+    from experiments import benchmark
+    summary = lambda k: {"forgotten": 0.0, "retained_seen": 0.9 - 0.1 * k, "retained_seen_base": 1.0,
+                         "retained_seen_worst": "monet", "retained_seen_worst_acc": 0.5,
+                         "retained_seen_ci": (0.8, 0.95), "retained_seen_worst_ci": (0.3, 0.7),
+                         "retained_held_out": 0.8, "retained_held_out_base": 1.0, "retained_held_out_worst": "munch",
+                         "retained_held_out_worst_acc": 0.25 * k, "retained_in_domain": 0.7,
+                         "retained_cross_domain": float("nan"), "quality_fd": 3.0 + k, "quality_fd_base": 2.0}
+    rows = [benchmark.row(v, s, k, ["van gogh", "star"], {"eval": {"van gogh": 0.0, "star": 0.125 * s},
+                                                          "summary": summary(k), "steps_taken": 30, "image_gradients": 720,
+                                                          "seconds": {"training": 60.0}})
+            for v, seeds in (("duge", (0, 1)), ("esd", (0,))) for s in seeds for k in (1, 2)]
+    md = benchmark.write_outputs(rows, ["van gogh", "star"], tmp_path, "benchmark-mixed").splitlines()
+    duge_row = next(line for line in md if line.startswith("| duge |"))
+    assert duge_row.startswith("| duge | 2 | 2 | 0.5 | 12% | 70% (70-70) | monet 50% (seed 0) | 80% (80-80) "
+                               "| munch 50% (seed 0) | 5.0 (5.0-5.0) (2.0) |")   # seed 1 missed star (12.5%)
+    assert duge_row.endswith("| 60 | 1,440 | 2.0 |")                        # per seed: 2 x 30 steps, 2 x 60 s
+    esd_row = next(line for line in md if line.startswith("| esd |"))
+    assert "| 70% [80, 95] (100%) | monet 50% [30, 70] |" in esd_row
+    assert any(line.startswith("| duge | 1 | 2 | star | 30 | 12% |") for line in md)
+    assert Image.open(tmp_path / "benchmark-mixed.png").size[0] == 4 * 330
+    saved = list(__import__("csv").DictReader(open(tmp_path / "benchmark-mixed.csv")))
+    assert saved[1]["retained_cross_domain"] == "" and saved[1]["retained_seen"] == "0.7"
