@@ -118,8 +118,13 @@ def metadata(path):
         return f.metadata()
 
 
+def file_name(name):
+    """A variant's name as a file name, one to one: "esd+" -> "esd-plus", "esd@60" -> "esd-at-60"."""
+    return request.slug(name.replace("+", "-plus-").replace("@", "-at-"))
+
+
 def state_path(docs, sequence, name, seed):
-    return Path(docs) / "benchmark-state" / request.slug(sequence) / f"{request.slug(name)}-seed{seed}.safetensors"
+    return Path(docs) / "benchmark-state" / request.slug(sequence) / f"{file_name(name)}-seed{seed}.safetensors"
 
 
 def save_state(model_path, path):
@@ -154,7 +159,7 @@ def rebuild(state, folder):
 def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
     """The requests of one variant at one seed, each on the previous output; -> one row per request."""
     concepts, flags = SEQUENCES.get(sequence) or sequence.split(","), VARIANTS[name][0]
-    folder = Path(outdir) / request.slug(sequence) / name / f"seed{seed}"
+    folder = Path(outdir) / request.slug(sequence) / file_name(name) / f"seed{seed}"
     state = state_path(docs, sequence, name, seed)
     done = len(json.loads(metadata(state)["duge.ledger"])["steps"]) if state.exists() else 0
     match = [] if "--steps" in flags else ["--match-forgetting", MATCH]

@@ -212,3 +212,11 @@ def test_tables_and_figure_are_written_whatever_groups_are_empty(tmp_path):
     assert Image.open(tmp_path / "benchmark-mixed.png").size[0] == 4 * 330
     saved = list(__import__("csv").DictReader(open(tmp_path / "benchmark-mixed.csv")))
     assert saved[1]["retained_cross_domain"] == "" and saved[1]["retained_seen"] == "0.7"
+
+
+def test_every_variant_keeps_its_own_state_and_models():
+    """"esd" and "esd+" once shared a state file (a slug drops the "+"), so esd+ read back esd's run."""
+    from experiments import benchmark
+    names = [benchmark.file_name(v) for v in benchmark.VARIANTS]
+    assert len(set(names)) == len(names)
+    assert benchmark.state_path("d", "styles", "esd+", 0) != benchmark.state_path("d", "styles", "esd", 0)
