@@ -390,7 +390,8 @@ def main(argv=None):
     ap.add_argument("--sequence", default="styles", help=f"{', '.join(SEQUENCES)}, or comma-separated concepts")
     ap.add_argument("--seeds", type=int, default=1, help="training and evaluation seeds 0..N-1")
     ap.add_argument("--all", action="store_true", help="every run of the benchmark's docs (all sequences: DUGE at 3 "
-                                                       "seeds, each baseline plain and equipped at seed 0)")
+                                                       "seeds, each baseline plain and equipped at seed 0; on styles "
+                                                       "also the fixed 60-step rows)")
     ap.add_argument("--noise-floor", action="store_true", help="evaluate the base model and DUGE's last styles model "
                                                                "at 3 evaluation seeds (docs/noise_floor.md)")
     ap.add_argument("--eval-n", type=int, default=16,
