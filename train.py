@@ -244,8 +244,8 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
             enough, checks = request.steps_until(recognised, args.ladder, args.match_forgetting)
         with phase("training"):
             history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume, enough=enough)
-    steps = checks[-1][0] if checks and checks[-1][1] <= args.match_forgetting else 0 if hasattr(method, "edit") \
-        else cfg.steps
+    met = checks and checks[-1][1] <= args.match_forgetting
+    steps = 0 if hasattr(method, "edit") else checks[-1][0] if met else cfg.steps   # UCE's rungs are weights
     metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1), "steps_taken": steps,
                "image_gradients": steps * cfg.batch * len(req.data), "checks": checks,
                "final_losses": history[-1] if history else {}}

@@ -192,7 +192,8 @@ def row(name, seed, k, concepts, m):
     s, acc = m.get("summary", {}), m.get("eval", {})
     r = {"variant": name, "seed": seed, "step": k, "concept": concepts[k - 1],
          "own": acc.get(concepts[k - 1]), "forgotten_max": max(acc.get(c, 0.0) for c in concepts[:k]),
-         "steps_taken": m.get("steps_taken"), "image_gradients": m.get("image_gradients"),
+         "steps_taken": m.get("steps_taken") if m.get("image_gradients") else 0,   # UCE: no step (its rungs are
+         "image_gradients": m.get("image_gradients"),                                # weights, in m["checks"])
          "seconds": round(sum(m.get("seconds", {}).values()), 1),
          "quality_fd": s.get("quality_fd"), "quality_fd_base": s.get("quality_fd_base"),
          **{f"acc[{c}]": acc.get(c) for c in concepts[:k]}}

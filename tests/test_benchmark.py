@@ -115,6 +115,7 @@ def test_uce_matched_forgetting_takes_its_mildest_preserve_weight_that_forgets(t
     assert train.main([*common, "--out", str(out), "--match-forgetting", "0.1"]) == 0
     m = json.loads(checkpoint.load(out).meta["duge.ledger"])["steps"][0]["metrics"]
     assert m["checks"] == [[train.UCE_LADDER[0], 0.5], [train.UCE_LADDER[1], 0.05]]
+    assert m["steps_taken"] == m["image_gradients"] == 0                  # a weight is not a step
     assert train.main([*common, "--out", str(plain), "--uce-preserve", str(train.UCE_LADDER[1])]) == 0
     a, b = (dict(checkpoint.load(p).unet.named_parameters()) for p in (out, plain))
     assert all(torch.equal(a[n], b[n]) for n in a)
