@@ -101,9 +101,9 @@ SEQUENCES = {
 }
 MATCH = "0.1"   # matched forgetting's target: the request's concept recognised on <= 10% of its check images
 # --all: the run set, cheapest first so that a cut session leaves whole rows
-ALL = [(seq, v, 0) for seq in SEQUENCES
-       for v in ("duge", "esd", "esd+", "ca", "ca+", "uce", "uce+", "finetune", "finetune+")] + \
-      [(seq, "duge", s) for s in (1, 2) for seq in SEQUENCES] + \
+ALL = [(seq, v, s) for seq in SEQUENCES
+       for v, s in [(v, 0) for v in ("duge", "esd", "esd+", "ca", "ca+", "uce", "uce+", "finetune", "finetune+")]
+       + [("duge", 1), ("duge", 2)]] + \
       [("styles", v, 0) for v in ("duge@60", "esd@60", "ca@60", "finetune@60")]   # DUGE's old fixed budget
 
 
