@@ -37,7 +37,7 @@ from request import UserError
 METHODS = {"duge": duge.Duge, "esd": baselines.Esd, "ca": baselines.Ca, "uce": baselines.Uce,
            "finetune": baselines.Finetune}
 LADDER = (5, 10, 20, 30, 45, 60, 90, 120, 180, 240)          # --match-forgetting's rungs (steps), mildest first
-UCE_LADDER = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.0)      # ... and UCE's (--uce-preserve)
+UCE_LADDER = (1e4, 3e3, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.0)   # ... UCE's (--uce-preserve)
 # --help's groups: (title, config class, its fields shown there; None: all)
 FLAG_GROUPS = [
     ("training (every method)", trainer.TrainConfig, ["steps", "lr", "batch", "seed", "trainable", "num_prompts",
