@@ -136,9 +136,9 @@ def uce_edit(projections, erase, preserve, lam=0.1, preserve_scale=1.0):
     erase: (C_e, C_a) row-aligned text embeddings (N, D) of the concept texts and of their anchors,
     v*_e = W c_a (the anchor's key / value); preserve: C_p (M, D), kept where they are. lam pulls W'
     towards W; preserve_scale (s_p) weighs the kept concepts against the erased ones. Edits in place."""
-    c_e, c_a = erase
-    for w in projections:
-        W = w.weight                                                       # (out, D)
+    c_e, c_a, preserve = (x.double() for x in (*erase, preserve))   # float64: a large s_p or many rows make
+    for w in projections:                                              # rhs ill-conditioned for float32
+        W = w.weight.double()                                              # (out, D)
         v_star = c_a @ W.T                                                 # (N, out): the anchors' values
         eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
         lhs = v_star.T @ c_e + preserve_scale * (W @ preserve.T) @ preserve + lam * W
