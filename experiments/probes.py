@@ -4,7 +4,7 @@
     python -m experiments.probes --step 12 --concepts "van gogh"  # the first concept, after all 12 requests
     python -m experiments.probes --methods duge,duge-no-replay --docs out/probes-ablation
 
-For each method, the model the benchmark wrote after request --step (OUT/<method>/stepNN-*.safetensors;
+For each method, the model the benchmark wrote after request --step (OUT/<sequence>/<method>/seed0/stepNN-*;
 run `python -m experiments.benchmark` first) is probed on the given forgotten concepts, and the base
 model beside it (the attack's ceiling: it must recover the concept there, or the probe measures
 nothing; computed once, it is the same original under every method). Each method's results are kept
@@ -19,15 +19,17 @@ import checkpoint
 import probe
 import request
 from toy.concepts import for_model
-from experiments.benchmark import COLOURS, SEQUENCES
+from experiments.benchmark import COLOURS, SEQUENCES, file_name
 
 
-def model_path(out, method, step):
-    found = sorted((Path(out) / method).glob(f"step{step:02d}-*.safetensors"))
+def model_path(out, method, step, sequence="styles", seed=0):
+    """The benchmark's model of a variant after request `step` (its folder: benchmark.run's)."""
+    folder = Path(out) / request.slug(sequence) / file_name(method) / f"seed{seed}"
+    found = sorted(folder.glob(f"step{step:02d}-*.safetensors"))
     found = [p for p in found if not p.name.endswith((".delta.safetensors", ".resume.safetensors"))]
     if not found:
-        raise request.UserError(f"no model of {method} after request {step} in {out}/{method}; run "
-                              f"`python -m experiments.benchmark --methods {method}` first")
+        raise request.UserError(f"no model of {method} after request {step} in {folder}; run "
+                                f"`python -m experiments.benchmark --methods {method} --sequence {sequence}` first")
     return found[0]
 
 
@@ -116,7 +118,7 @@ def main(argv=None):
             raise request.UserError(f"-n {args.n} / --step {args.step}: must be positive")
         first = SEQUENCES.get(args.sequence, [c.strip() for c in args.sequence.split(",")])[0]
         concepts = [c.strip().lower() for c in args.concepts.split(",") if c.strip()] if args.concepts else [first]
-        paths = {m: model_path(args.out, m, args.step) for m in methods}   # every model found before any work
+        paths = {m: model_path(args.out, m, args.step, args.sequence) for m in methods}   # every model found before any work
         cfg, recognised = probe.ProbeConfig(n=args.n), probe.toy_scorer()
         keep = Path(args.out) / "probes"
         base_file = keep / f"base-n{args.n}.json"

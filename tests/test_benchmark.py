@@ -221,3 +221,12 @@ def test_every_variant_keeps_its_own_state_and_models():
     names = [benchmark.file_name(v) for v in benchmark.VARIANTS]
     assert len(set(names)) == len(names)
     assert benchmark.state_path("d", "styles", "esd+", 0) != benchmark.state_path("d", "styles", "esd", 0)
+
+
+def test_probes_find_the_benchmarks_models(tmp_path):
+    from experiments import probes
+    want = tmp_path / "styles" / "esd-plus" / "seed0" / "step01-van-gogh.safetensors"
+    want.parent.mkdir(parents=True)
+    for p in (want, want.with_name("step01-van-gogh.delta.safetensors")):
+        p.write_bytes(b"")
+    assert probes.model_path(tmp_path, "esd+", 1) == want
