@@ -291,7 +291,7 @@ def write_outputs(rows, concepts, docs, name="benchmark"):
 PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_seen", "retained, seen"),
           ("retained_held_out", "retained, held out"), ("quality_fd", "quality: Frechet distance")]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
+           "#17becf", "#000000", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78"]   # one per variant up to 16
 
 
 def plot(rows, path):
