@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from concepts import anchor_prompt
-from trainer import check, setting
+from trainer import check, put, setting
 
 
 @dataclass
@@ -185,9 +185,7 @@ class Uce:
         reference phi0 the edit starts from phi_0's keys and values, so with replay it is UCE's own
         multi-concept form: everything forgotten so far erased at once from the original."""
         if self.reference == "phi0":
-            for n, p in model.unet.named_parameters():
-                if n in req.phi0.tensors:
-                    p.copy_(req.phi0.tensors[n])
+            put(model.unet, req.phi0.tensors)
         texts, anchors, p = [], [], req.prompts
         for concept, anchor in req.plan.unlearn:   # the request's own prompts of each concept
             own = list(dict.fromkeys([concept] + [t for t, c in zip(p.targets, p.names) if c == concept

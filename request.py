@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
@@ -226,14 +225,6 @@ def stop_between_steps():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-@torch.no_grad()
-def put(model, tensors):
-    """Copy tensors (by parameter name) into the model's UNet."""
-    named = dict(model.unet.named_parameters())
-    for n, v in tensors.items():
-        named[n].copy_(v)
 
 
 def trained_tensors(unet, names):

@@ -97,6 +97,14 @@ def trainable_names(unet, which="kv"):
     return [f"{name}.{p}" for name, _ in unet.cross_attentions() for p in parts[which]]
 
 
+@torch.no_grad()
+def put(unet, tensors):
+    """Copy tensors (by parameter name) into the UNet's parameters."""
+    named = dict(unet.named_parameters())
+    for n, v in tensors.items():
+        named[n].copy_(v)
+
+
 class Original:
     """A frozen model as a function: the same UNet module run with `tensors` (by parameter name)
     swapped in, e.g. phi_0's values of the trained tensors. Never a second UNet in memory."""
@@ -114,12 +122,11 @@ class Original:
         """Temporarily put these tensors into the UNet, e.g. to sample from the original model."""
         named = dict(self.unet.named_parameters())
         saved = {k: named[k].detach().clone() for k in self.tensors}
-        put = torch.no_grad()(lambda tensors: [named[k].copy_(v) for k, v in tensors.items()])
-        put(self.tensors)
+        put(self.unet, self.tensors)
         try:
             yield self.unet
         finally:
-            put(saved)
+            put(self.unet, saved)
 
 
 def draw_batch(data, n, generator):

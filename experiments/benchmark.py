@@ -33,14 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import checkpoint
 import request
 import sample
 import train
+import trainer
 
 EQUIP = ["--reference", "phi0", "--replay", "--gp"]     # what DUGE has, given to a baseline
 ROBUST = ["--trainable", "attn2", "--adversarial", "5"]   # the robust variant's attack, on every attn2 tensor
@@ -114,11 +114,6 @@ def docs_name(sequence):
 # -----------------------------------------------------------------------------------------------
 # Running: one variant at one seed, request after request, resumable from committed state
 
-def metadata(path):
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
-
-
 def file_name(name):
     """A variant's name as a file name, one to one: "esd+" -> "esd-plus", "esd@60" -> "esd-at-60"."""
     return request.slug(name.replace("+", "-plus-").replace("@", "-at-"))
@@ -131,23 +126,22 @@ def state_path(docs, sequence, name, seed):
 def save_state(model_path, path):
     """What a finished request leaves to resume from in a new checkout: the trained tensors and the
     ledger (the rest of the model is the toy model's)."""
-    delta = load_file(str(request.output_paths(model_path)["delta"]))
-    model = checkpoint.load(model_path)
+    delta, meta = checkpoint.read_safetensors(request.output_paths(model_path)["delta"])   # the model's ledger too
     path.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.atomic_path(path) as tmp:
         save_file({k: v for k, v in delta.items() if k.startswith("theta.")}, str(tmp),
-                  metadata={"duge.ledger": model.meta["duge.ledger"], "file": Path(model_path).name})
+                  metadata={"duge.ledger": meta["duge.ledger"], "file": Path(model_path).name})
 
 
 def rebuild(state, folder):
     """The model of the last request in `state`, rebuilt from the toy model with its trained tensors
     and its delta file (phi_0's tensors: the toy model's own): -> its path in folder."""
-    tensors, meta = load_file(str(state)), metadata(state)
+    tensors, meta = checkpoint.read_safetensors(state)
     model = checkpoint.load(checkpoint.TOY_WEIGHTS, dtype=None)   # the file's dtype, as train.py writes it
     trained = {k.removeprefix("theta.") for k in tensors}
     phi0 = {f"phi0.{n}": p.detach().float().contiguous() for n, p in model.unet.named_parameters()
             if ".attn2." in n or n in trained}
-    request.put(model, {k.removeprefix("theta."): v for k, v in tensors.items()})
+    trainer.put(model.unet, {k.removeprefix("theta."): v for k, v in tensors.items()})
     model.meta["duge.ledger"] = meta["duge.ledger"]
     out = Path(folder) / meta["file"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +156,8 @@ def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
     concepts, flags = SEQUENCES.get(sequence) or sequence.split(","), VARIANTS[name][0]
     folder = Path(outdir) / request.slug(sequence) / file_name(name) / f"seed{seed}"
     state = state_path(docs, sequence, name, seed)
-    done = len(json.loads(metadata(state)["duge.ledger"])["steps"]) if state.exists() else 0
+    ledger = lambda: json.loads(checkpoint.read_safetensors(state)[1]["duge.ledger"])["steps"]
+    done = len(ledger()) if state.exists() else 0
     match = [] if "--steps" in flags else ["--match-forgetting", MATCH]
     weights = str(checkpoint.TOY_WEIGHTS)
     for k, c in enumerate(concepts, 1):
@@ -178,10 +173,7 @@ def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
             save_state(out, state)
         weights = str(out)
         bar.update()
-    if not concepts or not Path(weights).exists():
-        return []
-    steps = json.loads(checkpoint.load(weights).meta["duge.ledger"])["steps"]
-    return [row(name, seed, k, concepts, s["metrics"]) for k, s in enumerate(steps, 1)]
+    return [row(name, seed, k, concepts, s["metrics"]) for k, s in enumerate(ledger(), 1)] if state.exists() else []
 
 
 GROUPS = ["retained_seen", "retained_held_out", "retained_in_domain", "retained_cross_domain"]
@@ -213,6 +205,11 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def ci(r, key):
+    """' [lo, hi]': the 95% Wilson interval of a retained mean or worst concept, in points ('' if none)."""
+    return "" if r.get(key + "_lo") is None else f" [{100 * r[key + '_lo']:.0f}, {100 * r[key + '_hi']:.0f}]"
+
+
 def over_seeds(rows, key):
     """'mean' over seeds, with ' (lo-hi)' the range when there are several; '-' when absent."""
     vs = [r[key] for r in rows if r.get(key) is not None]
@@ -229,10 +226,8 @@ def cell(rows, g):
         r = rows[0]
         if r.get(g) is None:
             return "-", "-"
-        ci = f" [{100 * r[g + '_lo']:.0f}, {100 * r[g + '_hi']:.0f}]" if r.get(g + "_lo") is not None else ""
-        wci = (f" [{100 * r[g + '_worst_lo']:.0f}, {100 * r[g + '_worst_hi']:.0f}]"
-               if r.get(g + "_worst_lo") is not None else "")
-        return f"{pct(r[g])}{ci} ({pct(r[g + '_base'])})", f"{r[g + '_worst']} {pct(r[g + '_worst_acc'])}{wci}"
+        return (f"{pct(r[g])}{ci(r, g)} ({pct(r[g + '_base'])})",
+                f"{r[g + '_worst']} {pct(r[g + '_worst_acc'])}{ci(r, g + '_worst')}")
     worst = min((r for r in rows if r.get(g + "_worst_acc") is not None), key=lambda r: r[g + "_worst_acc"],
                 default=None)
     return over_seeds(rows, g), "-" if worst is None else f"{worst[g + '_worst']} {pct(worst[g + '_worst_acc'])} (seed {worst['seed']})"
@@ -262,9 +257,8 @@ def write_outputs(rows, concepts, docs, name="benchmark"):
     steps = ["", "| variant | seed | request | concept | steps | own | forgotten (worst) | seen [95%] | held out [95%] "
                  "| worst held out | in-domain | cross-domain | FD | seconds |", "|" + "---|" * 14]
     for r in rows:
-        ci = lambda g: "" if r.get(g + "_lo") is None else f" [{100 * r[g + '_lo']:.0f}, {100 * r[g + '_hi']:.0f}]"
         cells = [r["variant"], r["seed"], r["step"], r["concept"], r["steps_taken"], pct(r["own"]), pct(r["forgotten_max"]),
-                 pct(r["retained_seen"]) + ci("retained_seen"), pct(r["retained_held_out"]) + ci("retained_held_out"),
+                 pct(r["retained_seen"]) + ci(r, "retained_seen"), pct(r["retained_held_out"]) + ci(r, "retained_held_out"),
                  f"{r['retained_held_out_worst'] or '-'} {pct(r['retained_held_out_worst_acc'])}",
                  pct(r["retained_in_domain"]), pct(r["retained_cross_domain"]),
                  "-" if r["quality_fd"] is None else f"{r['quality_fd']:.1f}", r["seconds"]]
