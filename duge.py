@@ -12,7 +12,7 @@ formulas are THIS PROJECT'S RECONSTRUCTION (README, "How DUGE works"). Notation:
     A^l     output of the l-th cross-attention layer (attn2), before its output projection
     x_t     sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (sample.add_noise), t ~ U{0..999}
 
-    L = L_U + lambda_pr * L_pr + lambda_reg * R_pr
+    L = L_U + lambda_pr * L_pr + lambda_reg * R_pr  (+ lambda_kv * R_kv, our addition, off by default)
 
 Requests come one at a time ("decremental steps"), each from the previous output; `plan` says which
 concepts feed each loss. The training loop, phi_0 as a function of the same UNet (never a second
@@ -34,6 +34,8 @@ class DugeConfig:
     lambda_pr: float = setting(2.0, "weight of the prior-preservation loss L_pr", low=0)
     lambda_reg: float = setting(1.0, "weight of the memory regulariser R_pr", low=0)
     replay: bool = setting(True, "replay the forgotten concepts in L_U (--no-replay: the ablation)")
+    lambda_kv: float = setting(0.0, "weight of R_kv (ours, not the paper's): the keys and values of every token "
+                               "of the kept prompts held at the reference's (0: off)", low=0)
     # the recipe: one field per choice the paper's description makes (first: ours; second: the paper's)
     recipe: str = setting("ours", "DUGE as reconstructed here, or as the paper is described (sets the five "
                           "fields below and --no-replay)", choices=("ours", "paper"))
@@ -174,6 +176,24 @@ def parameter_loss(trained, reference):
     return (diffs ** 2).mean()
 
 
+def kv_preservation_loss(trained, reference, contexts):
+    """Ours (issue 29), not the paper's: L_U can be met by moving the keys and values of ANY token of
+    c*, and the tokens c* shares with every prompt (start-of-text, "a painting in the style of", which a
+    causal text encoder encodes alike in every prompt) are the cheapest; R_pr then repairs the memory's
+    prompts but nothing repairs a concept outside it. R_kv holds W c at the reference's for every token
+    c (all 77 positions) of the kept prompts in the batch (anchors, memory), so the edit has to live in
+    the directions of the forgotten concepts' own tokens:
+
+        R_kv = mean_W  sum_c ||(W - W_ref) c||^2 / sum_c ||W_ref c||^2,  W in every attn2 to_k, to_v
+
+    computed from the contexts' Gram matrix G = sum_c c c^T: sum_c ||D c||^2 = sum(D G * D)."""
+    c = contexts.reshape(-1, contexts.shape[-1]).detach().float()
+    gram = c.T @ c
+    terms = [((p - reference[n]) @ gram * (p - reference[n])).sum() / (reference[n] @ gram * reference[n]).sum()
+             for n, p in trained.items() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    return torch.stack(terms).mean()
+
+
 # -----------------------------------------------------------------------------------------------
 # DUGE as a method of the shared loop (trainer.py): what it trains on, and its loss
 
@@ -219,5 +239,11 @@ class Duge:
             r_pr = parameter_loss({k: v for k, v in unet.named_parameters() if v.requires_grad}, ref.tensors)
         else:
             r_pr = regularization_loss(e[2], p[1])
-        total = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr
-        return total, {"L_U": l_u.item(), "L_pr": l_pr.item(), "R_pr": r_pr.item()}
+        total, logs = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr, {"L_U": l_u.item(), "L_pr": l_pr.item(),
+                                                                            "R_pr": r_pr.item()}
+        if cfg.lambda_kv > 0:
+            kept = torch.cat([u["c_anchor"], pr["c"]] + ([mem["c"]] if mem is not None else []))
+            r_kv = kv_preservation_loss({k: v for k, v in unet.named_parameters() if v.requires_grad}, ref.tensors,
+                                        kept)
+            total, logs["R_kv"] = total + cfg.lambda_kv * r_kv, r_kv.item()
+        return total, logs

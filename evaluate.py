@@ -154,7 +154,7 @@ def write_report(r, gone, kind_of, md_path, csv_path):
         write_csv({"base": r["base"], "after": r["eval"]}, csv_path, kind_of, n=r["images"])
         for line in summary_lines(r["summary"]):
             print("  " + line[2:], file=sys.stderr)
-    return {"eval": r["eval"], "summary": r["summary"]}
+    return {"eval": r["eval"], "base": r["base"], "summary": r["summary"]}
 
 
 # ------------------------------------------------------------------------------------------

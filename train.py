@@ -42,8 +42,8 @@ UCE_LADDER = (1e4, 3e3, 1e3, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1, 0.0) 
 FLAG_GROUPS = [
     ("training (every method)", trainer.TrainConfig, ["steps", "lr", "batch", "seed", "trainable", "num_prompts",
                                                       "images_per_prompt", "num_related", "generic"]),
-    ("DUGE's losses and recipe (duge.py)", duge.DugeConfig, ["lambda_pr", "lambda_reg", "recipe", "target",
-                                                            "attention", "prior", "regulariser"]),
+    ("DUGE's losses and recipe (duge.py)", duge.DugeConfig, ["lambda_pr", "lambda_reg", "lambda_kv", "recipe",
+                                                            "target", "attention", "prior", "regulariser"]),
     ("what a method is given (DUGE: phi0 and replay; a baseline: phin and none)", duge.DugeConfig,
      ["reference", "replay"]),
     ("baselines (baselines.py) and CUIG's add-ons", baselines.BaselineConfig, ["esd_eta", "esd_prompt", "uce_lambda",

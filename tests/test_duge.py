@@ -129,6 +129,35 @@ def test_total_is_the_weighted_sum_and_every_target_is_frozen():
     assert abs(duge.cross_attention_loss(ra.outputs, rt.outputs, e_a, e_t).item() - l_u) > 1e-3 * l_u
 
 
+def test_kv_preservation_term_is_its_formula_and_only_its_kept_tokens_are_held():
+    """R_kv (--lambda-kv): off the start it adds lambda_kv times its formula, computed here token by
+    token (not from the Gram matrix), over the anchors', L_pr's and the memory's contexts; at phi_0 it
+    is 0; and its gradient vanishes for a key/value change orthogonal to every kept token."""
+    u, named, names, phi0, params = frozen_unet_with_phi0(move=0.05)
+    b = noised(make_data(n=3))
+    base, logs0 = method().loss(u, phi0, b)
+    loss, logs = method(lambda_kv=4.0).loss(u, phi0, b)
+    kept = torch.cat([b["unlearn"]["c_anchor"], b["prior"]["c"], b["memory"]["c"]]).reshape(-1, 16)
+    with torch.no_grad():
+        by_hand = torch.stack([sum(((named[n] - phi0.tensors[n]) @ c).square().sum() for c in kept)
+                               / sum((phi0.tensors[n] @ c).square().sum() for c in kept) for n in names]).mean()
+    assert "R_kv" not in logs0 and logs["R_kv"] == pytest.approx(by_hand.item(), rel=1e-4) and by_hand > 1e-4
+    assert loss.item() == pytest.approx(base.item() + 4.0 * by_hand.item(), rel=1e-5)
+    # at phi_0 it is zero
+    u2, _, _, phi0_2, _ = frozen_unet_with_phi0()
+    assert method(lambda_kv=1.0).loss(u2, phi0_2, b)[1]["R_kv"] == pytest.approx(0.0, abs=1e-12)
+    # a change confined to directions orthogonal to every kept token is free: R_kv's gradient is 0
+    few = kept[:3]                                         # three kept tokens (all of them span the 16 dims)
+    basis, _ = torch.linalg.qr(few.T)                      # (16, 3)
+    with torch.no_grad():
+        for n in names:
+            d = torch.randn_like(named[n])
+            named[n].copy_(phi0.tensors[n] + 0.1 * (d - d @ basis @ basis.T))
+    r = duge.kv_preservation_loss(params, phi0.tensors, few)
+    r2 = duge.kv_preservation_loss(params, phi0.tensors, kept)
+    assert abs(r.item()) < 1e-5 * r2.item() and r2.item() > 1e-4     # 0 up to float rounding
+
+
 def test_gamma_term_adds_its_gradient_to_any_method():
     """CUIG's L2 add-on (trainer): gamma ||theta - theta_0||^2 is logged and adds exactly
     2 gamma (theta - theta_0) to the method's gradient."""

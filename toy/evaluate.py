@@ -264,7 +264,7 @@ def evaluate(model, forgotten, n, base_model=None, base_cache=None, seed=0):
 
 def report(model, phi0, gone, n, md_path, csv_path, base_cache, seed=0):
     """After a request (train.py): the table of every concept under phi_0 and now, in markdown and CSV;
-    prints the summary. -> {"eval", "summary"}"""
+    prints the summary. -> {"eval", "base", "summary"}"""
     r = evaluate(model, gone, n, phi0.applied, base_cache, seed)
     return shared.write_report(r, gone, world.concept_kind, md_path, csv_path)
 

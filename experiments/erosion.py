@@ -1,0 +1,154 @@
+"""Where a method's erosion comes from: every retained concept, request by request, read from the
+benchmark's committed runs (docs/benchmark-state), beside how close its text embedding is to the
+concepts forgotten so far.
+
+    python -m experiments.erosion                      # DUGE's runs, every sequence -> docs/erosion.md
+    python -m experiments.erosion --variant ca+ --docs docs
+
+For each sequence: one row per retained concept (seen by the methods, or held out from all), its
+accuracy under the base model and after every request (mean over the variant's seeds), the request at
+which that mean first falls more than 15 points below base, and the cosine similarity of its text
+embedding (baselines.concept_embeddings: the name's tokens, as CUIG's projection reads them) to its
+nearest forgotten concept. Base accuracies come from the ledger when train.py stored them; runs
+older than that are scored against the base model drawn once here, on the same evaluation images for
+styles (their images do not depend on what was forgotten) and on the last request's images for
+shapes and colours.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+from baselines import concept_embeddings
+from experiments.benchmark import SEQUENCES, docs_name, file_name
+from toy import concepts as toy_concepts
+from toy import evaluate, world
+
+DROP = 0.15   # issue 29's goal: no retained concept below its base - 15 points
+
+
+def ledgers(docs, sequence, variant):
+    """{seed: [ledger step, ...]} of the variant's committed runs on a sequence."""
+    folder = Path(docs) / "benchmark-state" / sequence
+    out = {}
+    for path in sorted(folder.glob(f"{file_name(variant)}-seed*.safetensors")):
+        seed = path.stem.rsplit("-seed", 1)[1]
+        if seed.isdigit():
+            out[int(seed)] = json.loads(checkpoint.read_safetensors(path)[1]["duge.ledger"])["steps"]
+    return out
+
+
+def base_accuracy(model, steps, seed, n, drawn):
+    """Per concept under the base model: from the last request's ledger entry if stored, else drawn."""
+    stored = steps[-1]["metrics"].get("base")
+    if stored:
+        return stored
+    gone = [s["concept"] for s in steps]
+    key = (seed, tuple(gone))
+    if key not in drawn:
+        its = evaluate.items(n, gone, seed)
+        scored = evaluate.score(its, evaluate.draw(model, its, desc=f"base, seed {seed}"), gone)
+        drawn[key] = {c: h / k for c, (h, k) in scored.items() if k}
+    return drawn[key]
+
+
+def analyse(model, sequence, runs, n, drawn):
+    """-> rows (one per retained concept) and the per-request means, for one sequence."""
+    forgotten = [s["concept"] for s in next(iter(runs.values()))]
+    kept = [c for c in evaluate.concepts() if c not in forgotten and world.concept_kind(c) in
+            {world.concept_kind(f) for f in forgotten} | {"style"}]
+    names = kept + forgotten
+    emb = torch.nn.functional.normalize(concept_embeddings(model, names), dim=-1)
+    cos = emb @ emb.T
+    base = {s: base_accuracy(model, steps, s, n, drawn) for s, steps in runs.items()}
+    rows = []
+    for c in kept:
+        i = names.index(c)
+        sims = {f: cos[i, names.index(f)].item() for f in forgotten}
+        near = max(sims, key=sims.get)
+        b = sum(base[s][c] for s in runs) / len(runs)
+        curve = [sum(steps[k]["metrics"]["eval"][c] for steps in runs.values()) / len(runs)
+                 for k in range(len(forgotten))]
+        first = next((k + 1 for k, a in enumerate(curve) if a < b - DROP), None)
+        finals = [steps[-1]["metrics"]["eval"][c] for steps in runs.values()]
+        rows.append({"concept": c, "kind": world.concept_kind(c),
+                     "split": "held out" if c in toy_concepts.HELD_OUT else "seen",
+                     "nearest": near, "cos": sims[near], "base": b, "curve": curve, "final": curve[-1],
+                     "final_lo": min(finals), "final_hi": max(finals), "first": first})
+    rows.sort(key=lambda r: r["final"] - r["base"])
+    return rows
+
+
+def spearman(xs, ys):
+    rank = lambda v: torch.tensor(v).argsort().argsort().double()
+    rx, ry = rank(xs), rank(ys)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx @ ry / (rx.norm() * ry.norm())).item() if len(xs) > 2 else float("nan")
+
+
+def table(sequence, variant, seeds, rows):
+    pct = lambda v: f"{100 * v:.0f}%"
+    k = len(rows[0]["curve"])
+    lines = [f"## {sequence}: {', '.join(SEQUENCES.get(sequence, []))}", "",
+             f"`{variant}`, seeds {', '.join(map(str, seeds))}: accuracy of every retained concept after each "
+             f"request (mean over seeds); `first`: the first request at which that mean is more than "
+             f"{100 * DROP:.0f} points below base; `cos`: text-embedding similarity to the nearest forgotten "
+             f"concept.", "",
+             "| concept | kind | split | nearest forgotten (cos) | base | "
+             + " | ".join(str(j) for j in range(1, k + 1)) + " | last (seeds' range) | first |",
+             "|---|---|---|---|---|" + "---|" * k + "---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concept']} | {r['kind']} | {r['split']} | {r['nearest']} ({r['cos']:.2f}) | "
+                     f"{pct(r['base'])} | " + " | ".join(f"{100 * a:.0f}" for a in r["curve"])
+                     + f" | {pct(r['final'])} ({pct(r['final_lo'])}-{pct(r['final_hi'])}) | {r['first'] or '-'} |")
+    lines.append("")
+    for split in ("seen", "held out"):
+        rs = [r for r in rows if r["split"] == split]
+        if rs:
+            drops = [r["base"] - r["final"] for r in rs]
+            lines.append(f"- {split}: {len(rs)} concepts, mean drop {100 * sum(drops) / len(rs):.0f} points, "
+                         f"{sum(r['first'] is not None for r in rs)} fall more than {100 * DROP:.0f} points below "
+                         f"base; Spearman(cos, drop) {spearman([r['cos'] for r in rs], drops):.2f}")
+    styles = [r for r in rows if r["kind"] == "style"]
+    if len(styles) > 2:
+        lines.append(f"- styles only ({len(styles)}): Spearman(cos, drop) "
+                     f"{spearman([r['cos'] for r in styles], [r['base'] - r['final'] for r in styles]):.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Where a variant's erosion comes from, from the benchmark's runs.")
+    ap.add_argument("--variant", default="duge")
+    ap.add_argument("--docs", default="docs", help="the benchmark's --docs (its benchmark-state folder)")
+    ap.add_argument("--eval-n", type=int, default=16, help="the benchmark's --eval-n (for runs without a stored base)")
+    ap.add_argument("--out", default=None, help="markdown file (default: DOCS/erosion[-VARIANT].md)")
+    args = ap.parse_args(argv)
+    model = checkpoint.load(checkpoint.TOY_WEIGHTS)
+    parts, drawn = [], {}
+    for sequence in SEQUENCES:
+        runs = ledgers(args.docs, sequence, args.variant)
+        runs = {s: steps for s, steps in runs.items() if len(steps) == len(SEQUENCES[sequence])}
+        if not runs:
+            print(f"{sequence}: no finished run of {args.variant} in {args.docs}/benchmark-state", file=sys.stderr)
+            continue
+        rows = analyse(model, sequence, runs, args.eval_n, drawn)
+        parts.append(table(sequence, args.variant, sorted(runs), rows))
+    if not parts:
+        print(f"error: no finished run of {args.variant!r}; run experiments.benchmark first", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.docs) / ("erosion.md" if args.variant == "duge"
+                                               else f"erosion-{file_name(args.variant)}.md"))
+    text = (f"# Where erosion comes from: {args.variant}\n\nWritten by `python -m experiments.erosion --variant "
+            f"{args.variant}` from the committed runs of `experiments.benchmark` "
+            f"({', '.join(docs_name(s) + '.md' for s in SEQUENCES)}).\n\n" + "\n".join(parts))
+    with checkpoint.atomic_path(out) as tmp:
+        tmp.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
