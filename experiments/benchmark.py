@@ -287,6 +287,43 @@ def write_outputs(rows, concepts, docs, name="benchmark"):
     return text
 
 
+def write_summary(by_sequence, docs, name="benchmark-summary"):
+    """Every sequence side by side at its last request: per variant, the requests whose own concept
+    stayed > 10%, retained held out and seen (mean over seeds, range), and FD as a multiple of the
+    base model's; then the minutes all these runs took."""
+    seqs = list(by_sequence)
+    head = "| variant | " + " | ".join(f"{q}: missed | held out | seen | FD / base" for q in seqs) + " |"
+    lines = [head, "|---|" + "---|" * 4 * len(seqs)]
+    variants = list(dict.fromkeys(r["variant"] for rows in by_sequence.values() for r in rows))
+    for v in variants:
+        cells = [v]
+        for q in seqs:
+            rs = [r for r in by_sequence[q] if r["variant"] == v]
+            if not rs:
+                cells += ["-"] * 4
+                continue
+            last = [r for r in rs if r["step"] == max(r["step"] for r in rs)]
+            seeds = sorted({r["seed"] for r in rs})
+            missed = sum(sum((r["own"] or 0) > 0.10 for r in rs if r["seed"] == s) for s in seeds) / len(seeds)
+            fd = [r["quality_fd"] / r["quality_fd_base"] for r in last if r.get("quality_fd") is not None]
+            cells += [f"{missed:g}", over_seeds(last, "retained_held_out"), over_seeds(last, "retained_seen"),
+                      "-" if not fd else f"{sum(fd) / len(fd):.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    minutes = sum(r["seconds"] or 0 for rows in by_sequence.values() for r in rows) / 60
+    runs = len({(q, r["variant"], r["seed"]) for q, rows in by_sequence.items() for r in rows})
+    requests = sum(len(rows) for rows in by_sequence.values())
+    text = (f"# Continual benchmark: every sequence at its last request\n\nWritten by `python -m experiments."
+            f"benchmark --all`; each sequence's own table ({', '.join(docs_name(q) + '.md' for q in seqs)}) has "
+            f"the intervals, worst concepts and every request. Over several seeds: the mean (range); `missed`: "
+            f"mean number of requests whose own concept stayed > 10% recognised; FD / base: the quality proxy "
+            f"after the last request over the base model's on the same images (lower is better).\n\n"
+            + "\n".join(lines) + f"\n\n{runs} runs ({requests} requests) took {minutes:.0f} minutes in all (the sum of every "
+            f"request's training, checks and evaluation).\n")
+    with checkpoint.atomic_path(Path(docs) / f"{name}.md") as tmp:
+        tmp.write_text(text)
+    return text
+
+
 PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_seen", "retained, seen"),
           ("retained_held_out", "retained, held out"), ("quality_fd", "quality: Frechet distance")]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -426,14 +463,17 @@ def main(argv=None):
     plan = ALL if args.all else [(args.sequence, v, s) for s in range(args.seeds) for v in variants]
     extra = args.extra.split()
     t = time.time()
+    by_sequence = {}
     with tqdm(total=len(plan) * 12, desc="benchmark", unit="request") as bar:
         for sequence in dict.fromkeys(seq for seq, _, _ in plan):
             concepts = SEQUENCES.get(sequence) or [c.strip().lower() for c in sequence.split(",") if c.strip()]
-            rows = []
+            rows = by_sequence[sequence] = []
             for seq, v, s in plan:
                 if seq == sequence:
                     rows += run(sequence, v, s, args.out, args.docs, args.eval_n, extra, bar)
                     print(write_outputs(rows, concepts, args.docs, docs_name(sequence)).split("\n\n<details>")[0])
+    if len(by_sequence) > 1:
+        print(write_summary(by_sequence, args.docs))
     print(f"benchmark: {(time.time() - t) / 60:.1f} minutes", file=sys.stderr)
     return 0
 

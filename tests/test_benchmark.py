@@ -215,6 +215,25 @@ def test_tables_and_figure_are_written_whatever_groups_are_empty(tmp_path):
     assert saved[1]["retained_cross_domain"] == "" and saved[1]["retained_seen"] == "0.7"
 
 
+def test_summary_puts_every_sequence_side_by_side(tmp_path):
+    """--all's docs/benchmark-summary.md: per variant and sequence, missed requests (mean over seeds),
+    held out and seen at the last request (mean, range), FD over base; a variant absent from a
+    sequence gets dashes; the minutes are the sum of every request's seconds."""
+    from experiments import benchmark
+    summary = lambda s: {"retained_seen": 0.9, "retained_held_out": 0.6 + 0.1 * s, "quality_fd": 3.0 + s,
+                         "quality_fd_base": 2.0}
+    make = lambda v, s, k, seq: benchmark.row(v, s, k, seq, {"eval": {seq[0]: 0.0, seq[1]: 0.5 * s},
+                                                          "summary": summary(s), "seconds": {"training": 30.0}})
+    a, b = ["van gogh", "monet"], ["seurat", "warhol"]
+    by = {"styles": [make("duge", s, k, a) for s in (0, 1) for k in (1, 2)] + [make("esd", 0, k, a) for k in (1, 2)],
+          "styles-b": [make("duge", 0, k, b) for k in (1, 2)]}
+    md = benchmark.write_summary(by, tmp_path).splitlines()
+    assert "| duge | 0.5 | 65% (60-70) | 90% (90-90) | 1.75x | 0 | 60% | 90% | 1.50x |" in md
+    assert "| esd | 0 | 60% | 90% | 1.50x | - | - | - | - |" in md
+    assert md[-1].startswith("4 runs (8 requests) took 4 minutes")
+    assert (tmp_path / "benchmark-summary.md").read_text().splitlines() == md
+
+
 def test_every_variant_keeps_its_own_state_and_models():
     """"esd" and "esd+" once shared a state file (a slug drops the "+"), so esd+ read back esd's run."""
     from experiments import benchmark
