@@ -121,6 +121,35 @@ def test_uce_matched_forgetting_takes_its_mildest_preserve_weight_that_forgets(t
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_uce_plus_matched_forgetting_checks_every_concept_it_re_solves(tmp_path, monkeypatch):
+    """uce+ re-solves every forgotten concept from phi_0 at each rung, so a rung is met only when the
+    earlier concepts stay forgotten too (it let seurat back to 100% when only the current concept was
+    checked); plain UCE, which starts from the previous model, checks its own concept alone."""
+    import train
+    from toy import evaluate
+    asked = []
+
+    def recognised(model, concept, forgotten=(), n=16):
+        asked.append(concept)
+        rung = sum(c == "monet" for c in asked)           # monet is checked first at every rung
+        return 0.5 if concept == "van gogh" and rung == 1 else 0.0
+    common = ["--no-eval", "--no-grid", "--cache", str(tmp_path / "c"), "--match-forgetting", "0.1"]
+    first = tmp_path / "1.safetensors"
+    monkeypatch.setattr(evaluate, "recognised", lambda *a, **k: 0.0)
+    assert train.main(["--forget", "van gogh", "--method", "uce", "--out", str(first), *common]) == 0
+    monkeypatch.setattr(evaluate, "recognised", recognised)
+    for flags, out in ((["--reference", "phi0", "--replay"], "plus"), ([], "plain")):
+        asked.clear()
+        assert train.main(["--forget", "monet", "--method", "uce", "--weights", str(first), *flags,
+                           "--out", str(tmp_path / f"{out}.safetensors"), *common]) == 0
+        m = json.loads(checkpoint.load(tmp_path / f"{out}.safetensors").meta["duge.ledger"])["steps"][1]["metrics"]
+        if out == "plus":
+            assert asked == ["monet", "van gogh", "monet", "van gogh"]
+            assert m["checks"] == [[train.UCE_LADDER[0], 0.5], [train.UCE_LADDER[1], 0.0]]
+        else:
+            assert asked == ["monet"] and m["checks"] == [[train.UCE_LADDER[0], 0.0]]
+
+
 def test_equipped_baseline_trains_on_phi0s_images_of_every_forgotten_concept(tmp_path):
     """--reference phi0 --replay for a baseline: request 2's reference is phi_0, its images are the
     ORIGINAL model's, and its concept rows hold the first request's concept too; plain, the images are
