@@ -306,7 +306,7 @@ def write_summary(by_sequence, docs, name="benchmark-summary"):
             seeds = sorted({r["seed"] for r in rs})
             missed = sum(sum((r["own"] or 0) > 0.10 for r in rs if r["seed"] == s) for s in seeds) / len(seeds)
             fd = [r["quality_fd"] / r["quality_fd_base"] for r in last if r.get("quality_fd") is not None]
-            cells += [f"{missed:g}", over_seeds(last, "retained_held_out"), over_seeds(last, "retained_seen"),
+            cells += [f"{missed:.1f}", over_seeds(last, "retained_held_out"), over_seeds(last, "retained_seen"),
                       "-" if not fd else f"{sum(fd) / len(fd):.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     minutes = sum(r["seconds"] or 0 for rows in by_sequence.values() for r in rows) / 60

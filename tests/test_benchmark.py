@@ -257,8 +257,8 @@ def test_summary_puts_every_sequence_side_by_side(tmp_path):
     by = {"styles": [make("duge", s, k, a) for s in (0, 1) for k in (1, 2)] + [make("esd", 0, k, a) for k in (1, 2)],
           "styles-b": [make("duge", 0, k, b) for k in (1, 2)]}
     md = benchmark.write_summary(by, tmp_path).splitlines()
-    assert "| duge | 0.5 | 65% (60-70) | 90% (90-90) | 1.75x | 0 | 60% | 90% | 1.50x |" in md
-    assert "| esd | 0 | 60% | 90% | 1.50x | - | - | - | - |" in md
+    assert "| duge | 0.5 | 65% (60-70) | 90% (90-90) | 1.75x | 0.0 | 60% | 90% | 1.50x |" in md
+    assert "| esd | 0.0 | 60% | 90% | 1.50x | - | - | - | - |" in md
     assert md[-1].startswith("4 runs (8 requests) took 4 minutes")
     assert (tmp_path / "benchmark-summary.md").read_text().splitlines() == md
 
