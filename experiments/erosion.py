@@ -4,6 +4,7 @@ concepts forgotten so far.
 
     python -m experiments.erosion                      # DUGE's runs, every sequence -> docs/erosion.md
     python -m experiments.erosion --variant ca+ --docs docs
+    python -m experiments.erosion --kv docs/benchmark-state/styles/duge-seed0.safetensors   # what moved
 
 For each sequence: one row per retained concept (seen by the methods, or held out from all), its
 accuracy under the base model and after every request (mean over the variant's seeds), the request at
@@ -119,14 +120,42 @@ def table(sequence, variant, seeds, rows):
     return "\n".join(lines) + "\n"
 
 
+@torch.no_grad()
+def kv_moved(model, state):
+    """How far a run's keys and values moved, token by token, on "a painting in the style of S" for
+    every style S: ||(W - W_0) c|| / ||W_0 c|| averaged over every attn2 to_k and to_v. -> lines"""
+    tensors, _ = checkpoint.read_safetensors(state)
+    trained = {k.removeprefix("theta."): v for k, v in tensors.items()}
+    named = dict(model.unet.named_parameters())
+    names = [n for n in named if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    lines = ["| style | split | " + " | ".join(f"token {i}" for i in range(9)) + " | padding |", "|---|---|" + "---|" * 10]
+    for style in world.STYLES:
+        prompt = f"a painting in the style of {style}"
+        ctx = model.text_encoder(model.tokenizer([prompt]))[0]
+        moved = torch.stack([(ctx @ (trained.get(n, named[n]) - named[n]).T).norm(dim=-1)
+                             / (ctx @ named[n].T).norm(dim=-1) for n in names]).mean(0)
+        split = "held out" if style in toy_concepts.HELD_OUT else "-"
+        lines.append(f"| {style} | {split} | " + " | ".join(f"{v:.2f}" for v in moved[:9].tolist())
+                     + f" | {moved[20:].mean():.2f} |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Where a variant's erosion comes from, from the benchmark's runs.")
     ap.add_argument("--variant", default="duge")
     ap.add_argument("--docs", default="docs", help="the benchmark's --docs (its benchmark-state folder)")
     ap.add_argument("--eval-n", type=int, default=16, help="the benchmark's --eval-n (for runs without a stored base)")
     ap.add_argument("--out", default=None, help="markdown file (default: DOCS/erosion[-VARIANT].md)")
+    ap.add_argument("--kv", metavar="STATE", help="instead: how far one run's keys and values moved, token by token")
     args = ap.parse_args(argv)
     model = checkpoint.load(checkpoint.TOY_WEIGHTS)
+    if args.kv:
+        if not Path(args.kv).exists():
+            print(f"error: no such state file {args.kv}; the benchmark writes them in DOCS/benchmark-state",
+                  file=sys.stderr)
+            return 2
+        print("\n".join(kv_moved(model, args.kv)))
+        return 0
     parts, drawn = [], {}
     for sequence in SEQUENCES:
         runs = ledgers(args.docs, sequence, args.variant)

@@ -278,3 +278,20 @@ def test_probes_find_the_benchmarks_models(tmp_path):
     for p in (want, want.with_name("step01-van-gogh.delta.safetensors")):
         p.write_bytes(b"")
     assert probes.model_path(tmp_path, "esd+", 1) == want
+
+
+def test_erosion_kv_moved_is_zero_at_phi0_and_sees_a_moved_key(tmp_path):
+    """experiments.erosion --kv: ||(W - W_0) c|| / ||W_0 c|| per token is 0 for a state holding phi_0's
+    keys and values, and 1 on every token for a key doubled (one of the 14 tensors: 1/14 on average)."""
+    from safetensors.torch import save_file
+
+    from experiments import erosion
+    model = checkpoint.load(checkpoint.TOY_WEIGHTS)
+    named = dict(model.unet.named_parameters())
+    kv = [n for n in named if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    save_file({f"theta.{n}": named[n].detach().clone() for n in kv}, str(tmp_path / "same.safetensors"))
+    save_file({f"theta.{kv[0]}": 2 * named[kv[0]].detach()}, str(tmp_path / "moved.safetensors"))
+    same = erosion.kv_moved(model, tmp_path / "same.safetensors")
+    moved = erosion.kv_moved(model, tmp_path / "moved.safetensors")
+    assert len(same) == 2 + 20 and all(set(line.split("|")[3].strip()) <= set("0.") for line in same[2:])
+    assert moved[2].split("|")[3].strip() == f"{1 / len(kv):.2f}"
