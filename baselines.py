@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from concepts import anchor_prompt
-from trainer import check, put, setting
+from trainer import KEYS_AND_VALUES, check, put, setting
 
 
 @dataclass
@@ -220,9 +220,6 @@ def project_out(matrix, basis):
     """matrix (out, D) restricted to the orthogonal complement of span(basis) on the input side:
     M (I - U U^T). A key / value update of this form leaves W c unchanged for every c in the span."""
     return matrix - (matrix @ basis) @ basis.T
-
-
-KEYS_AND_VALUES = ("attn2.to_k.weight", "attn2.to_v.weight")   # the tensors that multiply the context
 
 
 class GradientProjection:

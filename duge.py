@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer import check, setting
+from trainer import KEYS_AND_VALUES, check, setting
 
 
 @dataclass
@@ -190,7 +190,7 @@ def kv_preservation_loss(trained, reference, contexts):
     c = contexts.reshape(-1, contexts.shape[-1]).detach().float()
     gram = c.T @ c
     terms = [((p - reference[n]) @ gram * (p - reference[n])).sum() / (reference[n] @ gram * reference[n]).sum()
-             for n, p in trained.items() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+             for n, p in trained.items() if n.endswith(KEYS_AND_VALUES)]
     return torch.stack(terms).mean()
 
 
@@ -235,15 +235,15 @@ class Duge:
         l_u = (attention_map_loss(attn_theta, attn_ref) if cfg.attention == "maps" else
                cross_attention_loss(attn_theta, attn_ref, e[0], p[0]))
         l_pr = prior_preservation_loss(e[1], pr["eps"])
+        trained = {k: v for k, v in unet.named_parameters() if v.requires_grad}
         if cfg.regulariser == "l2":
-            r_pr = parameter_loss({k: v for k, v in unet.named_parameters() if v.requires_grad}, ref.tensors)
+            r_pr = parameter_loss(trained, ref.tensors)
         else:
             r_pr = regularization_loss(e[2], p[1])
         total, logs = l_u + cfg.lambda_pr * l_pr + cfg.lambda_reg * r_pr, {"L_U": l_u.item(), "L_pr": l_pr.item(),
                                                                             "R_pr": r_pr.item()}
         if cfg.lambda_kv > 0:
             kept = torch.cat([u["c_anchor"], pr["c"]] + ([mem["c"]] if mem is not None else []))
-            r_kv = kv_preservation_loss({k: v for k, v in unet.named_parameters() if v.requires_grad}, ref.tensors,
-                                        kept)
+            r_kv = kv_preservation_loss(trained, ref.tensors, kept)
             total, logs["R_kv"] = total + cfg.lambda_kv * r_kv, r_kv.item()
         return total, logs

@@ -85,6 +85,9 @@ class TrainConfig:
 PRESETS = {"toy": TrainConfig(steps=60), "sd": TrainConfig(lr=1e-5, micro_batch=2, checkpointing=True)}
 
 
+KEYS_AND_VALUES = ("attn2.to_k.weight", "attn2.to_v.weight")   # the tensors that multiply the context
+
+
 def trainable_names(unet, which="kv"):
     """Names of the trained tensors (SD v1: 16 attn2 x (to_k, to_v) = 19.2 M parameters). Keys and values
     are where the prompt enters the UNet: editing them changes what a prompt means, not what it can draw."""

@@ -128,6 +128,11 @@ def state_path(docs, sequence, name, seed):
     return Path(docs) / "benchmark-state" / request.slug(sequence) / f"{file_name(name)}-seed{seed}.safetensors"
 
 
+def ledger(state):
+    """The ledger steps ({"concept", ..., "metrics"} per request) stored in a run's state file."""
+    return json.loads(checkpoint.read_safetensors(state)[1]["duge.ledger"])["steps"]
+
+
 def save_state(model_path, path):
     """What a finished request leaves to resume from in a new checkout: the trained tensors and the
     ledger (the rest of the model is the toy model's)."""
@@ -161,8 +166,7 @@ def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
     concepts, flags = SEQUENCES.get(sequence) or sequence.split(","), VARIANTS[name][0]
     folder = Path(outdir) / request.slug(sequence) / file_name(name) / f"seed{seed}"
     state = state_path(docs, sequence, name, seed)
-    ledger = lambda: json.loads(checkpoint.read_safetensors(state)[1]["duge.ledger"])["steps"]
-    done = len(ledger()) if state.exists() else 0
+    done = len(ledger(state)) if state.exists() else 0
     match = [] if "--steps" in flags else ["--match-forgetting", MATCH]
     weights = str(checkpoint.TOY_WEIGHTS)
     for k, c in enumerate(concepts, 1):
@@ -178,7 +182,7 @@ def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
             save_state(out, state)
         weights = str(out)
         bar.update()
-    return [row(name, seed, k, concepts, s["metrics"]) for k, s in enumerate(ledger(), 1)] if state.exists() else []
+    return [row(name, seed, k, concepts, s["metrics"]) for k, s in enumerate(ledger(state), 1)] if state.exists() else []
 
 
 GROUPS = ["retained_seen", "retained_held_out", "retained_in_domain", "retained_cross_domain"]

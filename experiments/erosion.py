@@ -16,15 +16,15 @@ styles (their images do not depend on what was forgotten) and on the last reques
 shapes and colours.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 import checkpoint
+import trainer
 from baselines import concept_embeddings
-from experiments.benchmark import SEQUENCES, docs_name, file_name
+from experiments.benchmark import SEQUENCES, docs_name, file_name, ledger
 from toy import concepts as toy_concepts
 from toy import evaluate, world
 
@@ -38,7 +38,7 @@ def ledgers(docs, sequence, variant):
     for path in sorted(folder.glob(f"{file_name(variant)}-seed*.safetensors")):
         seed = path.stem.rsplit("-seed", 1)[1]
         if seed.isdigit():
-            out[int(seed)] = json.loads(checkpoint.read_safetensors(path)[1]["duge.ledger"])["steps"]
+            out[int(seed)] = ledger(path)
     return out
 
 
@@ -127,7 +127,7 @@ def kv_moved(model, state):
     tensors, _ = checkpoint.read_safetensors(state)
     trained = {k.removeprefix("theta."): v for k, v in tensors.items()}
     named = dict(model.unet.named_parameters())
-    names = [n for n in named if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    names = trainer.trainable_names(model.unet, "kv")
     lines = ["| style | split | " + " | ".join(f"token {i}" for i in range(9)) + " | padding |", "|---|---|" + "---|" * 10]
     for style in world.STYLES:
         prompt = f"a painting in the style of {style}"

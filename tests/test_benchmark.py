@@ -288,7 +288,7 @@ def test_erosion_kv_moved_is_zero_at_phi0_and_sees_a_moved_key(tmp_path):
     from experiments import erosion
     model = checkpoint.load(checkpoint.TOY_WEIGHTS)
     named = dict(model.unet.named_parameters())
-    kv = [n for n in named if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    kv = trainer.trainable_names(model.unet, "kv")
     save_file({f"theta.{n}": named[n].detach().clone() for n in kv}, str(tmp_path / "same.safetensors"))
     save_file({f"theta.{kv[0]}": 2 * named[kv[0]].detach()}, str(tmp_path / "moved.safetensors"))
     same = erosion.kv_moved(model, tmp_path / "same.safetensors")
