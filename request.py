@@ -207,6 +207,25 @@ def steps_until(recognised, ladder, target=0.10):
     return enough, checks
 
 
+def shrink_back(unet, towards, recognised, target=0.10, rounds=3):
+    """After matched forgetting (issue 29): theta = towards + a (theta - towards), the trained tensors
+    moved back along the straight line to `towards` (the request's start, or phi_0) to the smallest a
+    in (0, 1] at which recognised() <= target still holds, found by `rounds` halvings of [0, 1] (a is
+    1 when every try fails). The less a request moves, the less it moves what it should keep.
+    -> the checks made: [(a, recognised)]"""
+    named = dict(unet.named_parameters())
+    trained = {n: named[n].detach().clone() for n in towards}
+    at = lambda a: {n: towards[n] + a * (trained[n] - towards[n]) for n in towards}
+    lo, hi, checks = 0.0, 1.0, []
+    for _ in range(rounds):
+        a = (lo + hi) / 2
+        trainer.put(unet, at(a))
+        checks.append((a, recognised()))
+        lo, hi = (lo, a) if checks[-1][1] <= target else (a, hi)
+    trainer.put(unet, at(hi) if hi < 1 else trained)
+    return checks
+
+
 @contextmanager
 def stop_between_steps():
     """While training, Ctrl-C / SIGTERM finish the current step first, so the resume point written

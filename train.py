@@ -91,6 +91,8 @@ def parse_args(argv=None):
                    help="toy model: stop at the first rung of --ladder where the concept is recognised on <= TARGET of "
                         "16 check images (seeds the evaluation never draws); UCE: its mildest --uce-preserve that does")
     g.add_argument("--ladder", default=",".join(map(str, LADDER)), help="the rungs of --match-forgetting, in steps")
+    g.add_argument("--shrink", choices=["start", "phi0"], help="after --match-forgetting, move the trained tensors back "
+                   "towards the request's start (or phi_0, checking every forgotten concept) while the check holds")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation (the toy world's or CLIP's)")
     g.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
     g.add_argument("--out", default=None, help="output model (default: out/forget-<concepts>.safetensors)")
@@ -151,6 +153,8 @@ def configs(args, toy):
         if not args.ladder or args.ladder[0] < 1:
             raise UserError(f"--ladder {raw}: comma-separated positive step counts, e.g. 10,20,40")
         cfg = dataclasses.replace(cfg, steps=args.ladder[-1])   # trained up to the last rung at most
+    elif args.shrink:
+        raise UserError("--shrink moves back as far as the --match-forgetting check holds: give --match-forgetting")
     for flag, v in (("--eval-n", args.eval_n), ("--gen-steps", args.gen_steps), ("--size", args.size)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be positive")
@@ -229,7 +233,7 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
         anew = hasattr(method, "edit") and method.reference == "phi0" and method.replays
         watched = [c for c, _ in req.plan.unlearn][::-1] if anew else [concept]     # this concept first
 
-        def recognised():
+        def recognised(watched=watched):
             worst = 0.0
             for c in watched:
                 worst = max(worst, evaluate.recognised(model, c, gone))
@@ -255,15 +259,20 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
             enough, checks = request.steps_until(recognised, args.ladder, args.match_forgetting)
         with phase("training"):
             history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume, enough=enough)
-    met = checks and checks[-1][1] <= args.match_forgetting
+    met, shrunk = checks and checks[-1][1] <= args.match_forgetting, []
+    if met and args.shrink and not hasattr(method, "edit"):
+        towards = (req.start if args.shrink == "start" else req.phi0).tensors
+        with phase("shrink"):
+            shrunk = request.shrink_back(model.unet, {n: towards[n] for n in req.names}, lambda: recognised(
+                [concept] if args.shrink == "start" else gone[::-1]), args.match_forgetting)
     steps = 0 if hasattr(method, "edit") else checks[-1][0] if met else cfg.steps   # UCE's rungs are weights
     metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1), "steps_taken": steps,
-               "image_gradients": steps * cfg.batch * len(req.data), "checks": checks,
+               "image_gradients": steps * cfg.batch * len(req.data), "checks": checks, "shrink": shrunk,
                "final_losses": history[-1] if history else {}}
     if checks:
         print(f"  matched forgetting: '{concept}' recognised " + ", ".join(f"{100 * a:.0f}% at {r}" for r, a in checks)
-              + ("" if met else f"; never <= {100 * args.match_forgetting:.0f}%"),
-              file=sys.stderr)
+              + ("" if met else f"; never <= {100 * args.match_forgetting:.0f}%") + "".join(
+                  f"; x{a:g} of the change: {100 * r:.0f}%" for a, r in shrunk), file=sys.stderr)
     cache = Path(args.cache) / request.fingerprint(model, req.phi0)
     if request.is_toy(model) and not args.no_eval:
         from toy import evaluate

@@ -103,6 +103,55 @@ def test_matched_forgetting_stops_at_the_first_rung_that_meets_the_target(tmp_pa
     assert all(torch.equal(v, trained[1][1][n]) for n, v in trained[0][1].items())
 
 
+def test_shrink_back_bisects_to_the_smallest_change_that_still_forgets():
+    """--shrink: theta = towards + a (theta - towards) at the smallest a of `rounds` halvings whose check
+    meets the target; when every try fails the trained tensors are kept exactly."""
+    unet = torch.nn.Linear(2, 1, bias=False)
+    trainer.put(unet, {"weight": torch.tensor([[2.0, 4.0]])})
+    towards = {"weight": torch.zeros(1, 2)}
+    forgets = lambda: 0.0 if unet.weight[0, 0].item() >= 0.6 else 0.5       # holds for a >= 0.3
+    checks = request.shrink_back(unet, towards, forgets, 0.10, rounds=3)
+    assert checks == [(0.5, 0.0), (0.25, 0.5), (0.375, 0.0)]
+    assert torch.equal(unet.weight.detach(), torch.tensor([[0.75, 1.5]]))
+    trainer.put(unet, {"weight": torch.tensor([[0.1, 0.2]])})
+    assert request.shrink_back(unet, towards, lambda: 0.5, 0.10, rounds=2) == [(0.5, 0.5), (0.75, 0.5)]
+    assert torch.equal(unet.weight.detach(), torch.tensor([[0.1, 0.2]]))
+
+
+def test_shrink_towards_phi0_checks_every_forgotten_concept_and_writes_the_shrunk_model(tmp_path, monkeypatch):
+    """train.py --shrink phi0: every try checks this request's concept first, then each earlier one, and
+    stops at the first over the target; the written model is phi_0 + a (trained - phi_0) for the a the
+    checks chose, where the same run without --shrink writes `trained`."""
+    import train
+    from toy import evaluate
+    asked = []
+
+    def recognised(model, concept, forgotten=(), n=16):
+        asked.append(concept)
+        return 0.5 if concept == "van gogh" and len(asked) == 3 else 0.0   # the first try lets van gogh back
+    common = ["--no-eval", "--no-grid", "--cache", str(tmp_path / "c"), "--match-forgetting", "0.1"]
+    first = tmp_path / "1.safetensors"
+    monkeypatch.setattr(evaluate, "recognised", lambda *a, **k: 0.0)
+    assert train.main(["--forget", "van gogh", "--method", "uce", "--out", str(first), *common]) == 0
+    monkeypatch.setattr(evaluate, "recognised", recognised)
+    flags = ["--forget", "monet", "--method", "finetune", "--weights", str(first), "--ladder", "2", "--save-dtype",
+             "fp32", *common]   # (the toy file is fp16: written so, a + b rounds unlike a and b)
+    assert train.main([*flags, "--out", str(tmp_path / "s.safetensors"), "--shrink", "phi0"]) == 0
+    # the rung's check (monet), then a = 0.5 (monet, van gogh: over), 0.75 and 0.625 (both kept)
+    assert asked == ["monet", "monet", "van gogh", "monet", "van gogh", "monet", "van gogh"]
+    m = json.loads(checkpoint.load(tmp_path / "s.safetensors").meta["duge.ledger"])["steps"][1]["metrics"]
+    assert m["shrink"] == [[0.5, 0.5], [0.75, 0.0], [0.625, 0.0]]
+    assert train.main([*flags, "--out", str(tmp_path / "t.safetensors")]) == 0
+    phi0 = dict(checkpoint.load(checkpoint.TOY_WEIGHTS).unet.named_parameters())
+    shrunk, trained = (dict(checkpoint.load(tmp_path / f).unet.named_parameters()) for f in ("s.safetensors",
+                                                                                              "t.safetensors"))
+    moved = [n for n in trained if not torch.equal(trained[n], phi0[n])]
+    assert moved and all(n.endswith(trainer.KEYS_AND_VALUES) for n in moved)
+    for n in moved:
+        torch.testing.assert_close(shrunk[n], phi0[n] + 0.625 * (trained[n] - phi0[n]))
+    assert train.main([*flags[:-4], "--out", str(tmp_path / "u.safetensors"), "--shrink", "start"]) == 2
+
+
 def test_uce_matched_forgetting_takes_its_mildest_preserve_weight_that_forgets(tmp_path, monkeypatch):
     """train.py --method uce --match-forgetting: each rung re-solved from the request's start; the
     first weight whose check meets the target is kept (the model equals --uce-preserve at that weight)."""
