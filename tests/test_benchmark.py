@@ -344,3 +344,21 @@ def test_erosion_kv_moved_is_zero_at_phi0_and_sees_a_moved_key(tmp_path):
     moved = erosion.kv_moved(model, tmp_path / "moved.safetensors")
     assert len(same) == 2 + 20 and all(set(line.split("|")[3].strip()) <= set("0.") for line in same[2:])
     assert moved[2].split("|")[3].strip() == f"{1 / len(kv):.2f}"
+
+
+def test_erosion_image_similarity_finds_the_worlds_neighbours():
+    """experiments.erosion's image similarity, on the world's own images: by pixels the colours that
+    are mixtures sit next to their parts (orange by yellow and red, purple by blue), and both spaces
+    give unit rows, one per concept asked for, in its order."""
+    from experiments import erosion
+    from toy import world
+    names = world.COLOURS + ["munch", "house"]
+    for space in erosion.SPACES:
+        e = erosion.image_embeddings(names, space, n=16)
+        assert e.shape[0] == len(names)
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(names)))
+    e = erosion.image_embeddings(world.COLOURS, "pixels", n=16)
+    cos = e @ e.T
+    nearest = lambda c: sorted((k for k in world.COLOURS if k != c), key=lambda k: -cos[world.COLOURS.index(c),
+                                                                                        world.COLOURS.index(k)])
+    assert set(nearest("orange")[:2]) == {"yellow", "red"} and nearest("purple")[0] == "blue"
