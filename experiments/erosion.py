@@ -5,6 +5,7 @@ concepts forgotten so far.
     python -m experiments.erosion                      # DUGE's runs, every sequence -> docs/erosion.md
     python -m experiments.erosion --variant ca+ --docs docs
     python -m experiments.erosion --kv docs/benchmark-state/styles/duge-seed0.safetensors   # what moved
+    python -m experiments.erosion --fd docs/benchmark-state/styles/duge-seed0.safetensors   # which images
 
 For each sequence: one row per retained concept (seen by the methods, or held out from all), its
 accuracy under the base model and after every request (mean over the variant's seeds), the request at
@@ -26,7 +27,7 @@ import torch
 import checkpoint
 import trainer
 from baselines import concept_embeddings
-from experiments.benchmark import SEQUENCES, docs_name, file_name, ledger
+from experiments.benchmark import SEQUENCES, docs_name, file_name, ledger, rebuild
 from toy import concepts as toy_concepts
 from toy import classifier, evaluate, world
 
@@ -175,6 +176,40 @@ def kv_moved(model, state):
     return lines
 
 
+def image_group(it):
+    """Which kind of kept image this is, for --fd."""
+    if it.style != world.PHOTO:
+        return "held-out style" if it.style in toy_concepts.HELD_OUT else "seen style"
+    return "plain, held-out shape or colour" if it.names() & set(toy_concepts.HELD_OUT) else "plain, seen"
+
+
+@torch.no_grad()
+def fd_by_group(model, state, n, folder):
+    """Which images carry the quality proxy's rise: on the kept images of the last request's evaluation
+    (seed 0; those naming no forgotten concept, as evaluate.quality), each image's squared distance in
+    classifier features to the generator's own image of the same prompt and seed, under the base model
+    and after the run, summed by kind of image. -> lines"""
+    gone = [s["concept"] for s in ledger(state)]
+    its = [it for it in evaluate.items(n, gone, 0) if not it.names() & set(gone)]
+    ref = dict(zip((it.key for it in its), evaluate.reference_features(its)))
+    after = checkpoint.load(rebuild(state, folder))
+    drawn = {name: evaluate.draw(m, its, desc=f"--fd: {name}") for name, m in (("base", model), ("after", after))}
+    dist = {name: {it.key: float(((np.array(r[it.key]["feat"]) - ref[it.key]) ** 2).sum()) for it in its}
+            for name, r in drawn.items()}
+    fd = {name: evaluate.frechet_distance([r[it.key]["feat"] for it in its], [ref[it.key] for it in its])
+          for name, r in drawn.items()}
+    total = sum(dist["after"].values()) - sum(dist["base"].values())
+    lines = [f"FD of the {len(its)} kept images: base {fd['base']:.1f}, after {fd['after']:.1f} "
+             f"({fd['after'] / fd['base']:.2f}x)", "",
+             "| images | count | paired distance, base | after | x base | share of the rise |", "|---|---|---|---|---|---|"]
+    for g in ("seen style", "held-out style", "plain, seen", "plain, held-out shape or colour"):
+        keys = [it.key for it in its if image_group(it) == g]
+        b, a = (sum(dist[name][k] for k in keys) for name in ("base", "after"))
+        if keys:
+            share = f"{100 * (a - b) / total:.0f}%" if total else "-"
+            lines.append(f"| {g} | {len(keys)} | {b / len(keys):.1f} | {a / len(keys):.1f} | {a / b:.2f} | {share} |")
+    return lines
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Where a variant's erosion comes from, from the benchmark's runs.")
     ap.add_argument("--variant", default="duge")
@@ -182,14 +217,17 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=16, help="the benchmark's --eval-n (for runs without a stored base)")
     ap.add_argument("--out", default=None, help="markdown file (default: DOCS/erosion[-VARIANT].md)")
     ap.add_argument("--kv", metavar="STATE", help="instead: how far one run's keys and values moved, token by token")
+    ap.add_argument("--fd", metavar="STATE", help="instead: which kind of image carries one run's rise in FD")
     args = ap.parse_args(argv)
     model = checkpoint.load(checkpoint.TOY_WEIGHTS)
-    if args.kv:
-        if not Path(args.kv).exists():
-            print(f"error: no such state file {args.kv}; the benchmark writes them in DOCS/benchmark-state",
+    for state in (args.kv, args.fd):
+        if state and not Path(state).exists():
+            print(f"error: no such state file {state}; the benchmark writes them in DOCS/benchmark-state",
                   file=sys.stderr)
             return 2
-        print("\n".join(kv_moved(model, args.kv)))
+    if args.kv or args.fd:
+        print("\n".join(kv_moved(model, args.kv) if args.kv else fd_by_group(model, args.fd, args.eval_n,
+                                                                             "out/erosion")))
         return 0
     parts, drawn = [], {}
     for sequence in SEQUENCES:

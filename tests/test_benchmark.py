@@ -362,3 +362,32 @@ def test_erosion_image_similarity_finds_the_worlds_neighbours():
     nearest = lambda c: sorted((k for k in world.COLOURS if k != c), key=lambda k: -cos[world.COLOURS.index(c),
                                                                                         world.COLOURS.index(k)])
     assert set(nearest("orange")[:2]) == {"yellow", "red"} and nearest("purple")[0] == "blue"
+
+
+def test_erosion_fd_by_group_is_flat_for_the_base_model_and_counts_every_kept_image(tmp_path):
+    """experiments.erosion --fd on a run whose trained tensors are phi_0's own: every group's paired
+    distance equals the base model's (x 1.00, no rise to share), the FD equals the base's, and the
+    groups hold every kept image of the evaluation (forgotten concepts' images left out)."""
+    from safetensors.torch import save_file
+
+    from experiments import erosion
+    from toy import evaluate
+    model = checkpoint.load(checkpoint.TOY_WEIGHTS)
+    named = dict(model.unet.named_parameters())
+    kv = trainer.trainable_names(model.unet, "kv")
+    ledger = {"steps": [{"concept": "van gogh", "anchor": "", "kind": "style", "retain": []}]}
+    save_file({f"theta.{n}": named[n].detach().clone() for n in kv}, str(tmp_path / "s.safetensors"),
+              metadata={"duge.ledger": json.dumps(ledger), "file": "m.safetensors"})
+    lines = erosion.fd_by_group(model, tmp_path / "s.safetensors", 1, tmp_path / "out")
+    base, after = re.match(r"FD of the (\d+) kept images: base ([\d.]+), after ([\d.]+)", lines[0]).group(2, 3)
+    assert base == after
+    rows = [line.split("|") for line in lines[4:]]
+    assert all(r[5].strip() == "1.00" and r[6].strip() == "-" for r in rows)
+    kept = [it for it in evaluate.items(1, ["van gogh"]) if "van gogh" not in it.names()]
+    assert sum(int(r[2]) for r in rows) == len(kept) == int(lines[0].split()[3])
+    # every value doubled: the model draws other images, and the groups' shares of the rise add up to 100%
+    save_file({f"theta.{n}": 2 * named[n].detach() for n in kv}, str(tmp_path / "d.safetensors"),
+              metadata={"duge.ledger": json.dumps(ledger), "file": "d.safetensors"})
+    lines = erosion.fd_by_group(model, tmp_path / "d.safetensors", 1, tmp_path / "out")
+    assert lines[0].split(", after ")[1].split()[0] != base
+    assert abs(sum(float(line.split("|")[6].strip(" %")) for line in lines[4:]) - 100) <= 2   # (rounded)
