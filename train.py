@@ -19,6 +19,7 @@ import argparse  # noqa: E402  (after STARTED, so that the start-up time include
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -93,6 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--ladder", default=",".join(map(str, LADDER)), help="the rungs of --match-forgetting, in steps")
     g.add_argument("--shrink", choices=["start", "phi0"], help="after --match-forgetting, move the trained tensors back "
                    "towards the request's start (or phi_0, checking every forgotten concept) while the check holds")
+    g.add_argument("--shrink-target", type=float, default=None, help="what the check must show while shrinking "
+                   "(default: --match-forgetting's TARGET; 0: no check image recognised)")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation (the toy world's or CLIP's)")
     g.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
     g.add_argument("--out", default=None, help="output model (default: out/forget-<concepts>.safetensors)")
@@ -143,14 +146,11 @@ def configs(args, toy):
     if args.match_forgetting is not None:
         if not toy:
             raise UserError("--match-forgetting checks with the toy world's classifier: toy model only")
-        if not 0 <= args.match_forgetting < 1:
-            raise UserError(f"--match-forgetting {args.match_forgetting}: a fraction in [0, 1), e.g. 0.1")
-        raw = args.ladder
-        try:
-            args.ladder = sorted({int(r) for r in raw.split(",") if r.strip()})
-        except ValueError:
-            args.ladder = []
-        if not args.ladder or args.ladder[0] < 1:
+        for flag, v in (("--match-forgetting", args.match_forgetting), ("--shrink-target", args.shrink_target)):
+            if v is not None and not 0 <= v < 1:
+                raise UserError(f"{flag} {v}: a fraction in [0, 1), e.g. 0.1")
+        raw, args.ladder = args.ladder, sorted({int(r) for r in re.findall(r"\d+", args.ladder)})
+        if not re.fullmatch(r"[\d,\s]+", raw) or not args.ladder or args.ladder[0] < 1:
             raise UserError(f"--ladder {raw}: comma-separated positive step counts, e.g. 10,20,40")
         cfg = dataclasses.replace(cfg, steps=args.ladder[-1])   # trained up to the last rung at most
     elif args.shrink:
@@ -233,11 +233,11 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
         anew = hasattr(method, "edit") and method.reference == "phi0" and method.replays
         watched = [c for c, _ in req.plan.unlearn][::-1] if anew else [concept]     # this concept first
 
-        def recognised(watched=watched):
+        def recognised(watched=watched, limit=args.match_forgetting):
             worst = 0.0
             for c in watched:
                 worst = max(worst, evaluate.recognised(model, c, gone))
-                if worst > args.match_forgetting:
+                if worst > limit:
                     break
             return worst
     if hasattr(method, "edit"):
@@ -261,10 +261,11 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
             history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume, enough=enough)
     met, shrunk = checks and checks[-1][1] <= args.match_forgetting, []
     if met and args.shrink and not hasattr(method, "edit"):
-        towards = (req.start if args.shrink == "start" else req.phi0).tensors
+        towards, limit = (req.start if args.shrink == "start" else req.phi0).tensors, args.shrink_target
+        limit = args.match_forgetting if limit is None else limit
         with phase("shrink"):
             shrunk = request.shrink_back(model.unet, {n: towards[n] for n in req.names}, lambda: recognised(
-                [concept] if args.shrink == "start" else gone[::-1]), args.match_forgetting)
+                [concept] if args.shrink == "start" else gone[::-1], limit), limit)
     steps = 0 if hasattr(method, "edit") else checks[-1][0] if met else cfg.steps   # UCE's rungs are weights
     metrics = {"method": method.name, "seconds_train": round(time.time() - t0, 1), "steps_taken": steps,
                "image_gradients": steps * cfg.batch * len(req.data), "checks": checks, "shrink": shrunk,
@@ -305,9 +306,8 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
 
 
 def main(argv=None, started=None):
-    """`started`: when the process started (the command line gives it), so that the first request's time
-    line includes the start-up (imports, loading the model); a caller running several requests in one
-    process, such as the benchmark, leaves it out."""
+    """`started`: when the process started (the command line gives it), so that the first request's time line
+    includes the start-up (imports, loading the model); the benchmark, running many requests, leaves it out."""
     args = parse_args(argv)
     try:
         args.forget = [c.strip().lower() for c in args.forget]

@@ -56,9 +56,14 @@ VARIANTS = {
     "duge+gamma": (["--gamma", "1e-3"], "DUGE with CUIG's L2 pull to phi_0 (gamma 1e-3: ~L_U's size at one request)"),
     "duge+kv": (["--lambda-kv", "1"], "DUGE with R_kv: keys/values of every kept token held at phi_0's"),
     "duge+kv10": (["--lambda-kv", "10"], "... R_kv weighted 10"),
-    "duge+shrink": (["--shrink", "start"], "DUGE, each request's change shrunk towards its start while forgetting holds"),
-    "duge+shrink0": (["--shrink", "phi0"], "... the whole change shrunk towards phi_0 while every forgotten concept holds"),
-    "duge+kv+shrink0": (["--lambda-kv", "1", "--shrink", "phi0"], "R_kv 1 and the shrink towards phi_0"),
+    "duge+shrink0": (["--shrink", "phi0"], "DUGE, the whole change shrunk towards phi_0 while every forgotten concept "
+                                           "stays <= 10% on the check (to the check's edge)"),
+    "duge+shrink": (["--shrink", "start", "--shrink-target", "0"], "DUGE, each request's change shrunk towards its "
+                                                                   "start while no check image is recognised"),
+    "duge+shrink0-strict": (["--shrink", "phi0", "--shrink-target", "0"], "... the whole change towards phi_0, no "
+                                                                          "image of any forgotten concept recognised"),
+    "duge+kv+shrink0-strict": (["--lambda-kv", "1", "--shrink", "phi0", "--shrink-target", "0"],
+                               "R_kv 1 and the strict shrink towards phi_0"),
     "duge-lr3e-4": (["--lr", "3e-4"], "DUGE at a third of the learning rate (AdamW moves every entry ~lr a step)"),
     "duge-paper": (["--recipe", "paper"], "DUGE as the paper is described (duge.RECIPES)"),
     "duge+related-prior": (["--prior", "related"], "our first reconstruction: L_pr on the related concepts"),

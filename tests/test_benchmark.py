@@ -150,6 +150,15 @@ def test_shrink_towards_phi0_checks_every_forgotten_concept_and_writes_the_shrun
     for n in moved:
         torch.testing.assert_close(shrunk[n], phi0[n] + 0.625 * (trained[n] - phi0[n]))
     assert train.main([*flags[:-4], "--out", str(tmp_path / "u.safetensors"), "--shrink", "start"]) == 2
+    # --shrink-target 0: a try must show no check image recognised; 1 of 16 everywhere: the change is kept whole
+    monkeypatch.setattr(evaluate, "recognised", lambda *a, **k: 1 / 16)
+    assert train.main([*flags, "--out", str(tmp_path / "z.safetensors"), "--shrink", "start", "--shrink-target", "0"]) == 0
+    m = json.loads(checkpoint.load(tmp_path / "z.safetensors").meta["duge.ledger"])["steps"][1]["metrics"]
+    assert m["shrink"] == [[0.5, 1 / 16], [0.75, 1 / 16], [0.875, 1 / 16]]
+    kept = dict(checkpoint.load(tmp_path / "z.safetensors").unet.named_parameters())
+    assert all(torch.equal(kept[n], trained[n]) for n in trained)
+    assert train.main([*flags, "--out", str(tmp_path / "y.safetensors"), "--shrink", "start", "--shrink-target",
+                       "1.5"]) == 2
 
 
 def test_uce_matched_forgetting_takes_its_mildest_preserve_weight_that_forgets(tmp_path, monkeypatch):
