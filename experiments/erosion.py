@@ -173,8 +173,38 @@ def kv_moved(model, state):
         split = "held out" if style in toy_concepts.HELD_OUT else "-"
         lines.append(f"| {style} | {split} | " + " | ".join(f"{v:.2f}" for v in moved[:9].tolist())
                      + f" | {moved[20:].mean():.2f} |")
-    return lines
+    return lines + [""] + through_forgotten_span(model, trained, [s["concept"] for s in ledger(state)])
 
+
+@torch.no_grad()
+def through_forgotten_span(model, trained, gone, energy=0.999):
+    """Could the edit have spared the held-out styles without knowing them? Every token of "a painting
+    in the style of S", grouped (forgotten, seen, held-out styles): how far the keys and values moved,
+    sqrt(sum ||D c||^2 / sum ||W_0 c||^2) over tokens and tensors (D = W - W_0), and the same for the
+    part of c inside the span of the forgotten styles' prompts (P c, P the projector on the top
+    eigen-directions holding `energy` of their sum c c^T) and for the part outside ((I - P) c); the two
+    parts add up to D c, so when they are larger than the whole they cancel. -> lines"""
+    named = dict(model.unet.named_parameters())
+    deltas = {n: trained[n] - named[n] for n in trainer.trainable_names(model.unet, "kv") if n in trained}
+    ctx = lambda styles: model.text_encoder(model.tokenizer([f"a painting in the style of {s}" for s in styles])
+                                            ).flatten(0, 1)
+    c = ctx([g for g in gone if g in world.STYLES])
+    values, vectors = torch.linalg.eigh(c.T @ c)
+    values, vectors = values.flip(0), vectors.flip(1)
+    rank = int((values.cumsum(0) / values.sum() < energy).sum()) + 1
+    inside = vectors[:, :rank] @ vectors[:, :rank].T
+    lines = [f"Through the forgotten styles' span ({rank} of {c.shape[1]} directions hold {100 * energy:g}% of "
+             f"their prompts' energy):", "", "| styles | moved | through the span | through the rest |",
+             "|---|---|---|---|"]
+    groups = {"forgotten": [g for g in gone if g in world.STYLES],
+              "seen": [s for s in world.STYLES if s not in gone and s not in toy_concepts.HELD_OUT],
+              "held out": [s for s in world.STYLES if s in toy_concepts.HELD_OUT]}
+    for group, styles in groups.items():
+        h = ctx(styles)
+        size = sum((h @ named[n].T).norm() ** 2 for n in deltas)
+        moved = [sum((x @ d.T).norm() ** 2 for d in deltas.values()) / size for x in (h, h @ inside, h - h @ inside)]
+        lines.append(f"| {group} ({len(styles)}) | " + " | ".join(f"{m ** 0.5:.2f}" for m in moved) + " |")
+    return lines
 
 def image_group(it):
     """Which kind of kept image this is, for --fd."""

@@ -340,20 +340,35 @@ def test_probes_find_the_benchmarks_models(tmp_path):
 
 def test_erosion_kv_moved_is_zero_at_phi0_and_sees_a_moved_key(tmp_path):
     """experiments.erosion --kv: ||(W - W_0) c|| / ||W_0 c|| per token is 0 for a state holding phi_0's
-    keys and values, and 1 on every token for a key doubled (one of the 14 tensors: 1/14 on average)."""
+    keys and values, and 1 on every token for a key doubled (one of the 14 tensors: 1/14 on average).
+    Its span table: all zero at phi_0; a change that is zero on the forgotten styles' span moves the
+    forgotten styles (almost) not at all and nothing through the span."""
     from safetensors.torch import save_file
 
     from experiments import erosion
     model = checkpoint.load(checkpoint.TOY_WEIGHTS)
     named = dict(model.unet.named_parameters())
     kv = trainer.trainable_names(model.unet, "kv")
-    save_file({f"theta.{n}": named[n].detach().clone() for n in kv}, str(tmp_path / "same.safetensors"))
-    save_file({f"theta.{kv[0]}": 2 * named[kv[0]].detach()}, str(tmp_path / "moved.safetensors"))
+    gone = ["van gogh", "monet", "picasso"]
+    meta = {"duge.ledger": json.dumps({"steps": [{"concept": c} for c in gone]})}
+    save_file({f"theta.{n}": named[n].detach().clone() for n in kv}, str(tmp_path / "same.safetensors"), meta)
+    save_file({f"theta.{kv[0]}": 2 * named[kv[0]].detach()}, str(tmp_path / "moved.safetensors"), meta)
     same = erosion.kv_moved(model, tmp_path / "same.safetensors")
     moved = erosion.kv_moved(model, tmp_path / "moved.safetensors")
-    assert len(same) == 2 + 20 and all(set(line.split("|")[3].strip()) <= set("0.") for line in same[2:])
+    assert all(set(line.split("|")[3].strip()) <= set("0.") for line in same[2:22])
     assert moved[2].split("|")[3].strip() == f"{1 / len(kv):.2f}"
-
+    assert [line.split("|")[2:5] for line in same[-3:]] == [[" 0.00 "] * 3] * 3
+    with torch.no_grad():
+        c = model.text_encoder(model.tokenizer([f"a painting in the style of {s}" for s in gone])).flatten(0, 1)
+        values, vectors = torch.linalg.eigh(c.T @ c)
+        values, vectors = values.flip(0), vectors.flip(1)
+        rank = int((values.cumsum(0) / values.sum() < 0.999).sum()) + 1
+        rest = torch.eye(c.shape[1]) - vectors[:, :rank] @ vectors[:, :rank].T
+    save_file({f"theta.{n}": named[n].detach() + named[n].detach() @ rest for n in kv}, str(tmp_path / "r.safetensors"),
+              meta)
+    table = erosion.kv_moved(model, tmp_path / "r.safetensors")[-3:]
+    assert float(table[0].split("|")[2]) < 0.05                      # the forgotten styles: barely moved
+    assert all(line.split("|")[3].strip() == "0.00" and float(line.split("|")[4]) > 0 for line in table)
 
 def test_erosion_image_similarity_finds_the_worlds_neighbours():
     """experiments.erosion's image similarity, on the world's own images: by pixels the colours that
