@@ -108,7 +108,8 @@ def analyse(model, sequence, runs, n, drawn):
                      "split": "held out" if c in toy_concepts.HELD_OUT else "seen",
                      "nearest": near, "cos": sims[near], "base": b,
                      **{space: max(a.items(), key=lambda kv: kv[1]) if a else None for space, a in alike.items()}, "curve": curve, "final": curve[-1],
-                     "final_lo": min(finals), "final_hi": max(finals), "first": first})
+                     "final_lo": min(finals), "final_hi": max(finals), "first": first,
+                     "first_at": forgotten[first - 1] if first else None})
     rows.sort(key=lambda r: r["final"] - r["base"])
     return rows
 
@@ -129,11 +130,12 @@ def image_spearman(rows, space):
 def table(sequence, variant, seeds, rows):
     pct = lambda v: f"{100 * v:.0f}%"
     near = lambda r, space: f"{r[space][0]} ({r[space][1]:.2f})" if r[space] else "-"
+    first = lambda r: f"{r['first']} ({r['first_at']})" if r["first"] else "-"
     k = len(rows[0]["curve"])
     lines = [f"## {sequence}: {', '.join(SEQUENCES.get(sequence, []))}", "",
              f"`{variant}`, seeds {', '.join(map(str, seeds))}: accuracy of every retained concept after each "
              f"request (mean over seeds); `first`: the first request at which that mean is more than "
-             f"{100 * DROP:.0f} points below base; the nearest forgotten concept by text embedding, and of its "
+             f"{100 * DROP:.0f} points below base (and the concept forgotten there); the nearest forgotten concept by text embedding, and of its "
              f"kind by the world's images (pixels; classifier features), cosine in brackets.", "",
              "| concept | kind | split | nearest by text | by pixels | by classifier | base | "
              + " | ".join(str(j) for j in range(1, k + 1)) + " | last (seeds' range) | first |",
@@ -142,7 +144,7 @@ def table(sequence, variant, seeds, rows):
         lines.append(f"| {r['concept']} | {r['kind']} | {r['split']} | {r['nearest']} ({r['cos']:.2f}) | "
                      f"{near(r, 'pixels')} | {near(r, 'classifier')} | "
                      f"{pct(r['base'])} | " + " | ".join(f"{100 * a:.0f}" for a in r["curve"])
-                     + f" | {pct(r['final'])} ({pct(r['final_lo'])}-{pct(r['final_hi'])}) | {r['first'] or '-'} |")
+                     + f" | {pct(r['final'])} ({pct(r['final_lo'])}-{pct(r['final_hi'])}) | {first(r)} |")
     lines.append("")
     groups = [(split, [r for r in rows if r["split"] == split]) for split in ("seen", "held out")]
     groups.append(("styles only", [r for r in rows if r["kind"] == "style"]))
