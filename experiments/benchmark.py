@@ -5,6 +5,8 @@ baselines (plain, and given what DUGE has), at matched forgetting, over seeds.
     python -m experiments.benchmark --methods duge --seeds 3           # one sequence (styles), DUGE at 3 seeds
     python -m experiments.benchmark --sequence mixed --methods duge,esd+
     python -m experiments.benchmark --noise-floor                      # two draws of the same model differ by?
+    python -m experiments.benchmark --ablations                        # DUGE's ablations and fixes (docs/ablations)
+    python -m experiments.benchmark --ablations --tables               # their tables from finished runs only
     python -m experiments.benchmark --list                             # every named variant
 
 The protocol (CUIG's, Lee et al., ICLR 2026, with the toy classifier): 12 requests of one kind, each
@@ -119,6 +121,14 @@ ALL = [(seq, v, s) for seq in SEQUENCES
        + [("duge", 1), ("duge", 2)]] + \
       [("styles", v, 0) for v in ("duge@60", "esd@60", "ca@60", "finetune@60")]   # DUGE's old fixed budget
 
+# --ablations (into docs/ablations): issue 29's decomposition of DUGE's erosion and every change tried
+# to remove it; DUGE and R_kv at 3 seeds, the rest at seed 0, the shrink variants on styles only
+ABLATIONS = [(seq, v, s) for seq in SEQUENCES
+             for v, seeds in [("duge", 3), ("duge+kv", 3), ("duge+kv10", 1), ("duge-lu-only", 1), ("duge-no-reg", 1),
+                              ("duge-no-pr", 1), ("duge-no-replay", 1), ("duge+gp", 1), ("duge+gamma", 1)]
+             + [(v, 1) for v in ("duge+shrink0", "duge+shrink0-strict", "duge+kv+shrink0-strict") if seq == "styles"]
+             for s in range(seeds)]
+
 
 def docs_name(sequence):
     return "benchmark" if sequence == "styles" else f"benchmark-{request.slug(sequence)}"
@@ -167,6 +177,10 @@ def rebuild(state, folder):
         save_file(tensors | phi0, str(tmp), metadata={"duge.ledger": meta["duge.ledger"]})
     checkpoint.save(model, out, format=model.format)
     return out
+
+
+def finished(state, concepts):
+    return state.exists() and len(ledger(state)) == len(concepts)
 
 
 def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
@@ -441,14 +455,19 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every run of the benchmark's docs (all sequences: DUGE at 3 "
                                                        "seeds, each baseline plain and equipped at seed 0; on styles "
                                                        "also the fixed 60-step rows)")
+    ap.add_argument("--ablations", action="store_true", help="issue 29's runs (ABLATIONS), into --docs "
+                                                             "docs/ablations unless --docs is given")
+    ap.add_argument("--tables", action="store_true", help="only rewrite the tables, figures and summary from the "
+                                                          "finished runs of the plan; train nothing")
     ap.add_argument("--noise-floor", action="store_true", help="evaluate the base model and DUGE's last styles model "
                                                                "at 3 evaluation seeds (docs/noise_floor.md)")
     ap.add_argument("--eval-n", type=int, default=16,
                     help="images per style (and at least per shape and colour) in each evaluation")
     ap.add_argument("--out", default="out/benchmark", help="folder of the models of every request")
-    ap.add_argument("--docs", default="docs", help="where the tables, figures and resumable state go")
+    ap.add_argument("--docs", default=None, help="where the tables, figures and resumable state go (default: docs)")
     ap.add_argument("--extra", default="", help="extra train.py arguments for every request, e.g. '--lr 2e-3'")
     args = ap.parse_args(argv)
+    args.docs = args.docs or ("docs/ablations" if args.ablations else "docs")
     if args.list:
         print("\n".join(f"{name:30} {' '.join(flags) or '(defaults)':60} {why}" for name, (flags, why) in VARIANTS.items()))
         return 0
@@ -472,7 +491,11 @@ def main(argv=None):
         paths = [checkpoint.TOY_WEIGHTS] + ([rebuild(last, Path(args.out) / "noise_floor")] if last.exists() else [])
         print(noise_floor(paths, [0, 1, 2], args.eval_n, args.docs))
         return 0
-    plan = ALL if args.all else [(args.sequence, v, s) for s in range(args.seeds) for v in variants]
+    plan = ALL if args.all else ABLATIONS if args.ablations else [(args.sequence, v, s) for s in range(args.seeds)
+                                                                   for v in variants]
+    if args.tables:   # the finished runs only
+        plan = [(q, v, s) for q, v, s in plan if finished(state_path(args.docs, q, v, s), SEQUENCES.get(q) or
+                                                          q.split(","))]
     extra = args.extra.split()
     t = time.time()
     by_sequence = {}

@@ -415,3 +415,30 @@ def test_erosion_fd_by_group_is_flat_for_the_base_model_and_counts_every_kept_im
     lines = erosion.fd_by_group(model, tmp_path / "d.safetensors", 1, tmp_path / "out")
     assert lines[0].split(", after ")[1].split()[0] != base
     assert abs(sum(float(line.split("|")[6].strip(" %")) for line in lines[4:]) - 100) <= 2   # (rounded)
+
+
+def test_tables_only_rewrites_from_finished_runs_and_trains_nothing(tmp_path, monkeypatch):
+    """--ablations --tables: the plan cut to the runs whose committed state holds all 12 requests; the
+    tables are written from their ledgers and train.py is never called. The ablation plan holds DUGE
+    and R_kv at 3 seeds on every sequence."""
+    import shutil
+
+    import train
+    from experiments import benchmark
+    assert all((q, v, s) in benchmark.ABLATIONS for q in benchmark.SEQUENCES for v in ("duge", "duge+kv")
+               for s in range(3))
+    monkeypatch.setattr(train, "main", lambda *a, **k: pytest.fail("--tables trained"))
+    docs = tmp_path / "docs"
+    state = benchmark.state_path(docs, "styles", "duge", 0)
+    state.parent.mkdir(parents=True)
+    shutil.copy(benchmark.state_path("docs", "styles", "duge", 0), state)
+    part = benchmark.state_path(docs, "styles", "duge+kv", 0)   # a cut run: 11 requests
+    tensors, meta = checkpoint.read_safetensors(state)
+    steps = json.loads(meta["duge.ledger"])
+    steps["steps"] = steps["steps"][:11]
+    from safetensors.torch import save_file
+    save_file(tensors, str(part), {**meta, "duge.ledger": json.dumps(steps)})
+    assert benchmark.main(["--ablations", "--tables", "--docs", str(docs), "--out", str(tmp_path / "out")]) == 0
+    table = (docs / "benchmark.md").read_text()
+    assert "| duge | 1 | 12 |" in table and "duge+kv" not in table
+    assert not (docs / "benchmark-mixed.md").exists()
