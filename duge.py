@@ -186,7 +186,9 @@ def kv_preservation_loss(trained, reference, contexts):
 
         R_kv = mean_W  sum_c ||(W - W_ref) c||^2 / sum_c ||W_ref c||^2,  W in every attn2 to_k, to_v
 
-    computed from the contexts' Gram matrix G = sum_c c c^T: sum_c ||D c||^2 = sum(D G * D)."""
+    computed from the contexts' Gram matrix G = sum_c c c^T: sum_c ||D c||^2 = sum(D G * D).
+    Off by default: over 12 requests (3 seeds) it keeps more of the held-out concepts on both style
+    sequences (63 -> 81%, 71 -> 85%) but fewer on the mixed one (63 -> 59%; README, "Headline results")."""
     c = contexts.reshape(-1, contexts.shape[-1]).detach().float()
     gram = c.T @ c
     terms = [((p - reference[n]) @ gram * (p - reference[n])).sum() / (reference[n] @ gram * reference[n]).sum()
