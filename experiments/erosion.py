@@ -1,6 +1,6 @@
 """Where a method's erosion comes from: every retained concept, request by request, read from the
-benchmark's committed runs (docs/benchmark-state), beside how close its text embedding is to the
-concepts forgotten so far.
+benchmark's committed runs (docs/benchmark-state), beside how close it is to the concepts forgotten so
+far, by text and by image.
 
     python -m experiments.erosion                      # DUGE's runs, every sequence -> docs/erosion.md
     python -m experiments.erosion --variant ca+ --docs docs
@@ -11,9 +11,9 @@ For each sequence: one row per retained concept (seen by the methods, or held ou
 accuracy under the base model and after every request (mean over the variant's seeds), the request at
 which that mean first falls more than 15 points below base, and two similarities to its nearest
 forgotten concept: of the text embedding (baselines.concept_embeddings: the name's tokens, as CUIG's
-projection reads them), and of the images (image_embeddings: the classifier's features of the
-world's own images of each concept, same kind only). Base accuracies come from the ledger when train.py stored them; runs
-older than that are scored against the base model drawn once here, on the same evaluation images for
+projection reads them), and of the images (image_embeddings: the mean pixels, or classifier features,
+of the world's own images of each concept; same kind only), with the concept forgotten where it
+first falls. Base accuracies come from the ledger when train.py stored them; runs older than that are scored against the base model drawn once here, on the same evaluation images for
 styles (their images do not depend on what was forgotten) and on the last request's images for
 shapes and colours.
 """
