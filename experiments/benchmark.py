@@ -122,10 +122,10 @@ ALL = [(seq, v, s) for seq in SEQUENCES
       [("styles", v, 0) for v in ("duge@60", "esd@60", "ca@60", "finetune@60")]   # DUGE's old fixed budget
 
 # --ablations (into docs/ablations): issue 29's decomposition of DUGE's erosion and every change tried
-# to remove it; DUGE and R_kv at 3 seeds, the rest at seed 0, the shrink variants on styles only
+# to remove it; DUGE, R_kv and gamma at 3 seeds, the rest at seed 0, the shrink variants on styles only
 ABLATIONS = [(seq, v, s) for seq in SEQUENCES
-             for v, seeds in [("duge", 3), ("duge+kv", 3), ("duge+kv10", 1), ("duge-lu-only", 1), ("duge-no-reg", 1),
-                              ("duge-no-pr", 1), ("duge-no-replay", 1), ("duge+gp", 1), ("duge+gamma", 1)]
+             for v, seeds in [("duge", 3), ("duge+kv", 3), ("duge+gamma", 3), ("duge+kv10", 1), ("duge-lu-only", 1),
+                              ("duge-no-reg", 1), ("duge-no-pr", 1), ("duge-no-replay", 1), ("duge+gp", 1)]
              + [(v, 1) for v in ("duge+shrink0", "duge+shrink0-strict", "duge+kv+shrink0-strict") if seq == "styles"]
              for s in range(seeds)]
 
