@@ -261,8 +261,8 @@ def run_request(model, world, concept, cfg, own, args, out, startup=None):
             history = request.train(model, method, req, cfg, paths["resume"], resume=args.resume, enough=enough)
     met, shrunk = checks and checks[-1][1] <= args.match_forgetting, []
     if met and args.shrink and not hasattr(method, "edit"):
-        towards, limit = (req.start if args.shrink == "start" else req.phi0).tensors, args.shrink_target
-        limit = args.match_forgetting if limit is None else limit
+        limit = args.match_forgetting if args.shrink_target is None else args.shrink_target
+        towards = (req.start if args.shrink == "start" else req.phi0).tensors
         with phase("shrink"):
             shrunk = request.shrink_back(model.unet, {n: towards[n] for n in req.names}, lambda: recognised(
                 [concept] if args.shrink == "start" else gone[::-1], limit), limit)

@@ -130,6 +130,11 @@ ABLATIONS = [(seq, v, s) for seq in SEQUENCES
              for s in range(seeds)]
 
 
+def concepts_of(sequence):
+    """A named sequence's concepts, or those of a comma-separated one."""
+    return SEQUENCES.get(sequence) or [c.strip().lower() for c in sequence.split(",") if c.strip()]
+
+
 def docs_name(sequence):
     return "benchmark" if sequence == "styles" else f"benchmark-{request.slug(sequence)}"
 
@@ -185,7 +190,7 @@ def finished(state, concepts):
 
 def run(sequence, name, seed, outdir, docs, eval_n, extra, bar):
     """The requests of one variant at one seed, each on the previous output; -> one row per request."""
-    concepts, flags = SEQUENCES.get(sequence) or sequence.split(","), VARIANTS[name][0]
+    concepts, flags = concepts_of(sequence), VARIANTS[name][0]
     folder = Path(outdir) / request.slug(sequence) / file_name(name) / f"seed{seed}"
     state = state_path(docs, sequence, name, seed)
     done = len(ledger(state)) if state.exists() else 0
@@ -494,14 +499,13 @@ def main(argv=None):
     plan = ALL if args.all else ABLATIONS if args.ablations else [(args.sequence, v, s) for s in range(args.seeds)
                                                                    for v in variants]
     if args.tables:   # the finished runs only
-        plan = [(q, v, s) for q, v, s in plan if finished(state_path(args.docs, q, v, s), SEQUENCES.get(q) or
-                                                          q.split(","))]
+        plan = [(q, v, s) for q, v, s in plan if finished(state_path(args.docs, q, v, s), concepts_of(q))]
     extra = args.extra.split()
     t = time.time()
     by_sequence = {}
     with tqdm(total=len(plan) * 12, desc="benchmark", unit="request") as bar:
         for sequence in dict.fromkeys(seq for seq, _, _ in plan):
-            concepts = SEQUENCES.get(sequence) or [c.strip().lower() for c in sequence.split(",") if c.strip()]
+            concepts = concepts_of(sequence)
             rows = by_sequence[sequence] = []
             for seq, v, s in plan:
                 if seq == sequence:

@@ -18,6 +18,7 @@ styles (their images do not depend on what was forgotten) and on the last reques
 shapes and colours.
 """
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from toy import classifier, evaluate, world
 
 DROP = 0.15   # issue 29's goal: no retained concept below its base - 15 points
 SPACES = ("pixels", "classifier")   # image_embeddings' two ways of telling how alike concepts look
+STYLE_PROMPT = "a painting in the style of {}"   # the prompt --kv reads every style's tokens from
 
 
 def ledgers(docs, sequence, variant):
@@ -60,26 +62,38 @@ def base_accuracy(model, steps, seed, n, drawn):
     return drawn[key]
 
 
+@functools.lru_cache(maxsize=None)
 @torch.no_grad()
+def _looks(n):
+    """{space: {concept: unit vector}} for every concept of the world, from ONE pass over its images."""
+    rng = np.random.default_rng(0)
+    pools = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
+    others = {k: [pool[i] for i in rng.integers(0, len(pool), n)] for k, pool in pools.items()}
+    reads = {"pixels": lambda x: torch.nn.functional.avg_pool2d(x, 4).flatten(1),
+             "classifier": classifier.load_classifier().embed}
+    means = {space: {} for space in SPACES}
+    kinds = {}
+    for kind, slot in (("object", "shape"), ("colour", "colour"), ("style", "style")):
+        for c in pools[slot]:
+            pick = dict(others, **{slot: [c] * n})
+            x = world.render_batch(pick["shape"], pick["colour"], pick["style"], list(range(n)))
+            kinds[c] = kind
+            for space in SPACES:
+                means[space][c] = reads[space](x).mean(0)
+    out = {}
+    for space, m in means.items():
+        centre = {k: torch.stack([m[c] for c in m if kinds[c] == k]).mean(0) for k in set(kinds.values())}
+        out[space] = {c: torch.nn.functional.normalize(v - centre[kinds[c]], dim=0) for c, v in m.items()}
+    return out
+
+
 def image_embeddings(names, space, n=64):
     """How alike concepts LOOK: for each concept, the mean over n of the generator's own images showing
     it (the other two slots drawn at random, the same draws for every concept) of their pixels (space
     "pixels": averaged in 4x4 blocks, so colour and layout) or of the classifier's features
     ("classifier": classifier.embed, what it tells concepts apart by), centred on the mean over the
     concept's kind and normalised. -> (len(names), dim)"""
-    rng = np.random.default_rng(0)
-    pools = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
-    others = {k: [pool[i] for i in rng.integers(0, len(pool), n)] for k, pool in pools.items()}
-    read = (classifier.load_classifier().embed if space == "classifier" else
-            lambda x: torch.nn.functional.avg_pool2d(x, 4).flatten(1))
-    means = {}
-    for kind, slot in (("object", "shape"), ("colour", "colour"), ("style", "style")):
-        for c in pools[slot]:
-            pick = dict(others, **{slot: [c] * n})
-            means[c] = (kind, read(world.render_batch(pick["shape"], pick["colour"], pick["style"],
-                                                      list(range(n)))).mean(0))
-    centre = {k: torch.stack([v for kk, v in means.values() if kk == k]).mean(0) for k, _ in means.values()}
-    return torch.nn.functional.normalize(torch.stack([means[c][1] - centre[means[c][0]] for c in names]), dim=-1)
+    return torch.stack([_looks(n)[space][c] for c in names])
 
 
 def analyse(model, sequence, runs, n, drawn):
@@ -106,8 +120,8 @@ def analyse(model, sequence, runs, n, drawn):
         finals = [steps[-1]["metrics"]["eval"][c] for steps in runs.values()]
         rows.append({"concept": c, "kind": world.concept_kind(c),
                      "split": "held out" if c in toy_concepts.HELD_OUT else "seen",
-                     "nearest": near, "cos": sims[near], "base": b,
-                     **{space: max(a.items(), key=lambda kv: kv[1]) if a else None for space, a in alike.items()}, "curve": curve, "final": curve[-1],
+                     "nearest": near, "cos": sims[near], "base": b, "curve": curve, "final": curve[-1],
+                     **{space: max(a.items(), key=lambda kv: kv[1]) if a else None for space, a in alike.items()},
                      "final_lo": min(finals), "final_hi": max(finals), "first": first,
                      "first_at": forgotten[first - 1] if first else None})
     rows.sort(key=lambda r: r["final"] - r["base"])
@@ -168,8 +182,7 @@ def kv_moved(model, state):
     names = trainer.trainable_names(model.unet, "kv")
     lines = ["| style | split | " + " | ".join(f"token {i}" for i in range(9)) + " | padding |", "|---|---|" + "---|" * 10]
     for style in world.STYLES:
-        prompt = f"a painting in the style of {style}"
-        ctx = model.text_encoder(model.tokenizer([prompt]))[0]
+        ctx = model.text_encoder(model.tokenizer([STYLE_PROMPT.format(style)]))[0]
         moved = torch.stack([(ctx @ (trained.get(n, named[n]) - named[n]).T).norm(dim=-1)
                              / (ctx @ named[n].T).norm(dim=-1) for n in names]).mean(0)
         split = "held out" if style in toy_concepts.HELD_OUT else "-"
@@ -188,7 +201,7 @@ def through_forgotten_span(model, trained, gone, energy=0.999):
     parts add up to D c, so when they are larger than the whole they cancel. -> lines"""
     named = dict(model.unet.named_parameters())
     deltas = {n: trained[n] - named[n] for n in trainer.trainable_names(model.unet, "kv") if n in trained}
-    ctx = lambda styles: model.text_encoder(model.tokenizer([f"a painting in the style of {s}" for s in styles])
+    ctx = lambda styles: model.text_encoder(model.tokenizer([STYLE_PROMPT.format(s) for s in styles])
                                             ).flatten(0, 1)
     c = ctx([g for g in gone if g in world.STYLES])
     values, vectors = torch.linalg.eigh(c.T @ c)
