@@ -19,7 +19,7 @@ import checkpoint
 import probe
 import request
 from toy.concepts import for_model
-from experiments.benchmark import COLOURS, SEQUENCES, file_name
+from experiments.benchmark import COLOURS, SEQUENCES, concepts_of, file_name
 
 
 def model_path(out, method, step, sequence="styles", seed=0):
@@ -116,8 +116,11 @@ def main(argv=None):
             raise request.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(probe.PROBES)}")
         if args.n < 1 or args.step < 1:
             raise request.UserError(f"-n {args.n} / --step {args.step}: must be positive")
-        first = SEQUENCES.get(args.sequence, [c.strip() for c in args.sequence.split(",")])[0]
-        concepts = [c.strip().lower() for c in args.concepts.split(",") if c.strip()] if args.concepts else [first]
+        sequence = concepts_of(args.sequence)
+        concepts = [c.strip().lower() for c in args.concepts.split(",") if c.strip()] if args.concepts else sequence[:1]
+        if not sequence or not concepts:
+            raise request.UserError(f"--sequence {args.sequence!r} / --concepts {args.concepts!r}: name a sequence "
+                                    f"({', '.join(SEQUENCES)}) or comma-separated concepts")
         paths = {m: model_path(args.out, m, args.step, args.sequence) for m in methods}   # every model found before any work
         cfg, recognised = probe.ProbeConfig(n=args.n), probe.toy_scorer()
         keep = Path(args.out) / "probes"

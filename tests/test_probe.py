@@ -131,6 +131,9 @@ def test_benchmark_probes_refuse_a_missing_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no model of duge after request 1") and "\n" not in err
     assert not (tmp_path / "d").exists()
+    assert probes.main(["--sequence", " , ", "--out", str(tmp_path), "--docs", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --sequence ' , '") and "\n" not in err     # not an IndexError
 
 
 def test_clip_scorer_recognises_what_clip_picks_among_the_kind(monkeypatch):
