@@ -319,7 +319,7 @@ def write_outputs(rows, concepts, docs, name="benchmark"):
     return text
 
 
-def write_summary(by_sequence, docs, name="benchmark-summary"):
+def write_summary(by_sequence, docs, name="benchmark-summary", command="--all"):
     """Every sequence side by side at its last request: per variant, the requests whose own concept
     stayed > 10%, retained held out and seen (mean over seeds, range), and FD as a multiple of the
     base model's; then the minutes all these runs took."""
@@ -341,19 +341,50 @@ def write_summary(by_sequence, docs, name="benchmark-summary"):
             cells += [f"{missed:.1f}", over_seeds(last, "retained_held_out"), over_seeds(last, "retained_seen"),
                       "-" if not fd else f"{sum(fd) / len(fd):.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    goal = goal_table(by_sequence)
     minutes = sum(r["seconds"] or 0 for rows in by_sequence.values() for r in rows) / 60
     runs = len({(q, r["variant"], r["seed"]) for q, rows in by_sequence.items() for r in rows})
     requests = sum(len(rows) for rows in by_sequence.values())
     text = (f"# Continual benchmark: every sequence at its last request\n\nWritten by `python -m experiments."
-            f"benchmark --all`; each sequence's own table ({', '.join(docs_name(q) + '.md' for q in seqs)}) has "
+            f"benchmark {command}`; each sequence's own table ({', '.join(docs_name(q) + '.md' for q in seqs)}) has "
             f"the intervals, worst concepts and every request. Over several seeds: the mean (range); `missed`: "
             f"mean number of requests whose own concept stayed > 10% recognised; FD / base: the quality proxy "
             f"after the last request over the base model's on the same images (lower is better).\n\n"
             + "\n".join(lines) + f"\n\n{runs} runs ({requests} requests) took {minutes:.0f} minutes in all (the sum of every "
-            f"request's training, checks and evaluation).\n")
+            f"request's training, checks and evaluation).\n\n## Against the continual goal\n\nEach cell is "
+            f"{' / '.join(seqs)}: at each request the mean over seeds, then the worst of the requests (the goal holds "
+            f"after every request); the worst concepts are each seed's worst, averaged; `steps`: the training steps "
+            f"of all requests, mean over seeds (the cost).\n\n{goal}\n")
     with checkpoint.atomic_path(Path(docs) / f"{name}.md") as tmp:
         tmp.write_text(text)
     return text
+
+
+GOAL = [("forgotten, worst (<= 10%)", "forgotten_max", max, None), ("held out (>= 97% of base)", "retained_held_out", min,
+         "retained_held_out_base"), ("worst held out (>= base - 15)", "retained_held_out_worst_acc", min, None),
+        ("seen (>= 97% of base)", "retained_seen", min, "retained_seen_base"),
+        ("worst seen (>= base - 15)", "retained_seen_worst_acc", min, None),
+        ("FD / base (<= 1.10x)", "quality_fd", max, "quality_fd_base")]
+
+
+def goal_table(by_sequence):
+    """The acceptance of the continual goal, per variant: each criterion's mean over seeds at every
+    request, its worst request, one value per sequence; then the training steps (the cost)."""
+    seqs = list(by_sequence)
+    lines = ["| variant | " + " | ".join(g[0] for g in GOAL) + " | steps |", "|---|" + "---|" * (len(GOAL) + 1)]
+    for v in dict.fromkeys(r["variant"] for rows in by_sequence.values() for r in rows):
+        cols = [[] for _ in range(len(GOAL) + 1)]
+        for q in seqs:
+            rs = [r for r in by_sequence[q] if r["variant"] == v]
+            per_step = [[r for r in rs if r["step"] == k] for k in sorted({r["step"] for r in rs})]
+            for col, (_, key, worst, base) in zip(cols, GOAL):
+                means = [sum(r[key] / (r[base] if base else 1) for r in at) / len(at) for at in per_step
+                         if at and all(r.get(key) is not None and (not base or r.get(base)) for r in at)]
+                col.append("-" if not means else f"{worst(means):.2f}x" if key == "quality_fd" else pct(worst(means)))
+            seeds = {r["seed"] for r in rs}
+            cols[-1].append(f"{sum(r['steps_taken'] or 0 for r in rs) / len(seeds):.0f}" if rs else "-")
+        lines.append(f"| {v} | " + " | ".join(" / ".join(c) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 PANELS = [("forgotten_max", "forgotten (worst concept so far)"), ("retained_seen", "retained, seen"),
@@ -513,7 +544,7 @@ def main(argv=None):
                     rows += run(sequence, v, s, args.out, args.docs, args.eval_n, extra, bar)
                     print(write_outputs(rows, concepts, args.docs, docs_name(sequence)).split("\n\n<details>")[0])
     if len(by_sequence) > 1:
-        print(write_summary(by_sequence, args.docs))
+        print(write_summary(by_sequence, args.docs, command="--ablations" if args.ablations else "--all"))
     print(f"benchmark: {(time.time() - t) / 60:.1f} minutes", file=sys.stderr)
     return 0
 
