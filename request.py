@@ -158,6 +158,8 @@ def train(model, method, req, cfg, resume_point=None, resume=False, progress=Tru
     enough(steps done) -> True stops training there (matched forgetting: steps_until).
     -> the loss logs of every step trained (a finished resume point's last, when none was left)."""
     start, opt_state, last = 0, None, []
+    pull = req.phi0.tensors if cfg.gamma_to == "phi0" else {    # --gamma-to start: before a resume point loads
+        n: p.detach().clone() for n, p in model.unet.named_parameters() if n in req.names}
     if resume and Path(resume_point).exists():
         start, opt_state, extra, last = load_resume(resume_point, model.unet, req.concept)
         print(f"  resuming at step {start} of {cfg.steps}", file=sys.stderr)
@@ -183,7 +185,7 @@ def train(model, method, req, cfg, resume_point=None, resume=False, progress=Tru
                 raise Enough
         history = []
         try:
-            trainer.unlearn(model.unet, method, req.ref, req.data, cfg, original=req.phi0.tensors, progress=progress,
+            trainer.unlearn(model.unet, method, req.ref, req.data, cfg, original=pull, progress=progress,
                             start_step=start, optimizer_state=opt_state, on_step=on_step, projection=projection)
         except FloatingPointError as e:
             raise UserError(str(e)) from None

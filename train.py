@@ -49,7 +49,7 @@ FLAG_GROUPS = [
      ["reference", "replay"]),
     ("baselines (baselines.py) and CUIG's add-ons", baselines.BaselineConfig, ["esd_eta", "esd_prompt", "uce_lambda",
                                                                               "uce_preserve"]),
-    (None, trainer.TrainConfig, ["gamma", "gp"]),
+    (None, trainer.TrainConfig, ["gamma", "gamma_to", "gp"]),
     ("the robust variant (adversarial.py)", adversarial.RobustConfig, None),
     (None, trainer.TrainConfig, ["lr_rest"]),
     ("real SD: memory bounds", trainer.TrainConfig, ["micro_batch", "checkpointing", "autocast"]),

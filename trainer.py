@@ -69,6 +69,8 @@ class TrainConfig:
     # CUIG's add-ons (Lee et al., ICLR 2026), for any trained method
     gamma: float = setting(0.0, "CUIG's L2 pull of the trained tensors towards phi_0: gamma ||theta - theta_0||^2",
                            low=0)
+    gamma_to: str = setting("phi0", "what --gamma pulls towards: phi_0 (CUIG), or the tensors the request starts from "
+                            "(ours)", choices=("phi0", "start"))
     gp: bool = setting(False, "CUIG's gradient projection: key/value updates orthogonal to the kept concepts")
     # memory bounds: the same training up to float rounding (README, "Real SD on a GPU")
     micro_batch: int = setting(0, "images per group in one forward/backward, gradients accumulated (0: all)", low=0)
@@ -148,7 +150,8 @@ def draw_batch(data, n, generator):
 
 
 def l2_to_original(trained, original):
-    """||theta - theta_0||^2 over the trained tensors: CUIG's L2 add-on (--gamma)."""
+    """||theta - theta_0||^2 over the trained tensors: CUIG's L2 add-on (--gamma); theta_0 is phi_0's
+    tensors, or with --gamma-to start the request's first (no pull back on earlier requests' changes)."""
     return sum(((p - original[n]) ** 2).sum() for n, p in trained.items())
 
 
@@ -183,7 +186,7 @@ def unlearn(unet, method, ref, data, cfg: TrainConfig, original=None, progress=T
             optimizer_state=None, on_step=None, projection=None):
     """Train the method's loss for cfg.steps; -> the loss logs of every step. data: {group: {"x": latents,
     "c_...": contexts}} (request.prepare). ref: the frozen model of the loss; original: phi_0's tensors
-    (for --gamma). on_step(step, logs, optimizer) runs after every step (the resume point);
+    (or what --gamma-to names). on_step(step, logs, optimizer) runs after every step (the resume point);
     projection (baselines.GradientProjection) keeps the updates in an allowed subspace."""
     names = trainable_names(unet, cfg.trainable)
     named = dict(unet.named_parameters())

@@ -57,6 +57,8 @@ VARIANTS = {
     "duge+gp": (["--gp"], "DUGE with CUIG's gradient projection"),
     "duge+gamma": (["--gamma", "1e-3"], "DUGE with CUIG's L2 pull to phi_0 (gamma 1e-3: ~L_U's size at one request)"),
     "duge+gamma3e-4": (["--gamma", "3e-4"], "... gamma 3e-4, a weaker pull (1e-3 stops forgetting shapes and colours)"),
+    "duge+gamma-start": (["--gamma", "1e-3", "--gamma-to", "start"], "... gamma 1e-3 towards each request's start "
+                                                                       "(no pull back on earlier forgetting)"),
     "duge+kv": (["--lambda-kv", "1"], "DUGE with R_kv: keys/values of every kept token held at phi_0's"),
     "duge+kv10": (["--lambda-kv", "10"], "... R_kv weighted 10"),
     "duge+shrink0": (["--shrink", "phi0"], "DUGE, the whole change shrunk towards phi_0 while every forgotten concept "
@@ -126,7 +128,8 @@ ALL = [(seq, v, s) for seq in SEQUENCES
 # to remove it; DUGE, R_kv and gamma at 3 seeds, the rest at seed 0, the shrink variants on styles only
 ABLATIONS = [(seq, v, s) for seq in SEQUENCES
              for v, seeds in [("duge", 3), ("duge+kv", 3), ("duge+gamma", 3), ("duge+kv10", 1), ("duge-lu-only", 1),
-                              ("duge-no-reg", 1), ("duge-no-pr", 1), ("duge-no-replay", 1), ("duge+gp", 1), ("duge+gamma3e-4", 1)]
+                              ("duge-no-reg", 1), ("duge-no-pr", 1), ("duge-no-replay", 1), ("duge+gp", 1), ("duge+gamma3e-4", 1),
+                              ("duge+gamma-start", 1)]
              + [(v, 1) for v in ("duge+shrink0", "duge+shrink0-strict", "duge+kv+shrink0-strict") if seq == "styles"]
              for s in range(seeds)]
 

@@ -123,6 +123,29 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert [s["concept"] for s in ledger["steps"]] == ["van gogh"]
 
 
+def test_gamma_to_start_pulls_towards_the_requests_start_and_resumes_exactly(tmp_path, monkeypatch):
+    """--gamma-to start on a second request: the pull's target is the tensors the request started
+    from, taken before a resume point loads (an interrupted run ends bit for bit as a whole one), and it
+    trains otherwise than the pull to phi_0 (which the first request moved away from)."""
+    import train
+    w = tiny_sd(tmp_path / "m.safetensors")
+    first = tmp_path / "first.safetensors"
+    assert train.main(["--forget", "van gogh", "--weights", str(w), *FAST, "--steps", "20", "--lr", "1e-2",
+                       "--cache", str(tmp_path / "cache"), "--out", str(first)]) == 0
+    args = ["--forget", "monet", "--weights", str(first), *FAST, "--steps", "60", "--gamma", "30",
+            "--cache", str(tmp_path / "cache")]
+    trained = {}
+    for to in ("phi0", "start"):
+        out = tmp_path / f"{to}.safetensors"
+        assert train.main(args + ["--gamma-to", to, "--out", str(out)]) == 0
+        trained[to] = dict(checkpoint.load(out).unet.named_parameters())
+    cut = tmp_path / "cut.safetensors"
+    interrupted_then_resumed(train, monkeypatch, args + ["--gamma-to", "start"], cut)
+    resumed = dict(checkpoint.load(cut).unet.named_parameters())
+    assert all(torch.equal(trained["start"][n], resumed[n]) for n in resumed)
+    assert any(not torch.equal(trained["start"][n], trained["phi0"][n]) for n in resumed)
+
+
 def test_robust_variant_trains_the_whole_unet_resumes_exactly_and_carries_phi0(tmp_path, monkeypatch):
     """--trainable unet --adversarial K: tensors beyond cross-attention move; an interruption after the
     step-50 resume point resumes to the same tensors (the attacker's context is in the resume point);
