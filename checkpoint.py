@@ -1,9 +1,11 @@
-"""Reading and writing Stable Diffusion v1 checkpoints, in both layouts people download.
+"""Reading and writing Stable Diffusion v1 and 2.x checkpoints, in both layouts people download.
 
 - CompVis single file (`sd-v1-4.ckpt`, `v1-5-pruned-emaonly.safetensors`, ...): one flat dict with
   the prefixes `model.diffusion_model.` (UNet), `first_stage_model.` (VAE) and
   `cond_stage_model.transformer.` (CLIP text). Our modules are named after these keys, so loading is
-  a prefix strip. This is also the format of the toy model in weights/.
+  a prefix strip. This is also the format of the toy model in weights/. SD 2.x files
+  (`v2-1_768-ema-pruned.safetensors`, ...; Stability-AI/stablediffusion) hold an OpenCLIP text tower
+  under `cond_stage_model.model.` instead, renamed by clip_text.from_open_clip / to_open_clip.
 - diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...): loaded through the renaming
   tables that unet.py and vae.py own.
 
@@ -18,8 +20,11 @@ Loading is strict: every tensor of the file is used, or is one of the extras off
 a CheckpointError whose one-line message names it. Nothing here executes a pickle: .safetensors
 is read directly and .ckpt / .bin go through safe_pickle (a restricted unpickler).
 
+SDXL, SD 3 and inpainting checkpoints are refused with one line.
+
 References: CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (the single-file
-layout); diffusers loaders/single_file_utils.py.
+layout); Stability-AI/stablediffusion configs/stable-diffusion/v2-inference{,-v}.yaml (SD 2.x);
+diffusers loaders/single_file_utils.py.
 """
 import argparse
 import json
@@ -27,7 +32,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import safe_pickle
-from clip_text import TextConfig, TextEncoder, Tokenizer
+from clip_text import EOT, TextConfig, TextEncoder, Tokenizer, from_open_clip, to_open_clip
 from unet import UNet, UNetConfig
 from unet import diffusers_key_map as unet_diffusers_key_map
 from vae import VAE, VAEConfig
@@ -46,6 +51,7 @@ ROOT = Path(__file__).resolve().parent
 TOY_WEIGHTS = ROOT / "weights" / "toy_sd.safetensors"
 
 UNET, VAE_, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPEN_CLIP = "cond_stage_model.model."  # SD 2.x's text encoder (OpenCLIP ViT-H/14)
 
 # Tensors an official file may hold that we do not use: the DDPM schedule (recomputed in
 # sample.py), EMA bookkeeping and the EMA copy itself (used instead of the UNet when present, see
@@ -152,7 +158,7 @@ def check_writable(path):
 
 @dataclass
 class StableDiffusion:
-    """The four parts of SD v1 plus the file's metadata (configs, the unlearning ledger, ...)."""
+    """The four parts of SD (v1 or 2.x) plus the file's metadata (configs, the unlearning ledger, ...)."""
     tokenizer: Tokenizer
     text_encoder: TextEncoder
     unet: UNet
@@ -171,6 +177,11 @@ class StableDiffusion:
     def configs(self):
         return {"unet": asdict(self.unet.cfg), "vae": asdict(self.vae.cfg), "text": asdict(self.text_encoder.cfg),
                 "image_size": self.image_size, "guidance": self.guidance}
+
+    @property
+    def open_clip(self):
+        """An OpenCLIP text tower (SD 2.x), told by its GELU: stored in OpenCLIP's layout, padded with 0."""
+        return self.text_encoder.cfg.hidden_act == "gelu"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def read_any(path):
     """A .safetensors, .ckpt/.pt or .bin file -> (flat state dict, metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder; expected a SD v1 checkpoint")
+        raise CheckpointError(f"{path}: no such file or folder; expected a Stable Diffusion checkpoint")
     with open(path, "rb") as fh:
         head = fh.read(8)
     if path.suffix == ".safetensors":
@@ -218,24 +229,25 @@ def read_any(path):
 # -----------------------------------------------------------------------------------------------
 # Recognising what a file is
 
-def check_is_sd_v1(sd, path):
-    """Refuse, with one line, the checkpoints that look like SD but are not SD v1 txt2img."""
+def check_supported(sd, path):
+    """Refuse, with one line, the checkpoints that look like SD but are not SD v1 / 2.x txt2img.
+    -> "v1" or "v2" (an OpenCLIP text tower or a 1024-wide cross-attention: weight_formats.md §2.3)."""
     keys = sd.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint; only Stable Diffusion v1.x is supported")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise CheckpointError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); "
-                              "only v1.x is supported")
+        raise CheckpointError(f"{path}: this is an SDXL checkpoint; only Stable Diffusion v1.x and 2.x are supported")
+    if any(k.startswith(UNET + "joint_blocks.") for k in keys):
+        raise CheckpointError(f"{path}: this is a Stable Diffusion 3 checkpoint (MMDiT); "
+                              "only Stable Diffusion v1.x and 2.x are supported")
     if not any(k.startswith(UNET) for k in keys):
         raise CheckpointError(f"{path}: no Stable Diffusion UNet inside (no '{UNET}*' tensors); "
                               "is this a model checkpoint?")
     conv_in = sd.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 9:
         raise CheckpointError(f"{path}: this is an inpainting checkpoint (9 input channels); "
-                              "only the txt2img v1.x models are supported")
-    if any(k.startswith(UNET) and k.endswith("attn2.to_k.weight") and v.ndim == 2 and v.shape[1] == 1024 for k, v in sd.items()):
-        raise CheckpointError(f"{path}: cross-attention context is 1024 wide, a Stable Diffusion 2.x UNet; "
-                              "only v1.x is supported")
+                              "only the txt2img v1.x and 2.x models are supported")
+    wide = any(k.startswith(UNET) and k.endswith("attn2.to_k.weight") and v.ndim == 2 and v.shape[1] == 1024
+               for k, v in sd.items())
+    return "v2" if wide or any(k.startswith(OPEN_CLIP) for k in keys) else "v1"
 
 
 def _use_ema(sd, path):
@@ -254,9 +266,11 @@ def _use_ema(sd, path):
     return out, True
 
 
-def split_compvis(sd, path):
-    """Flat CompVis dict -> (unet, vae, text) dicts without prefixes. Strict about the rest."""
-    parts = {UNET: {}, VAE_: {}, TEXT: {}}
+def split_compvis(sd, path, text_layers=None):
+    """Flat CompVis dict -> (unet, vae, text) dicts without prefixes, the text in our names whichever
+    tower it is (an OpenCLIP one cut to text_layers, None: SD 2.x's penultimate). Strict about the rest."""
+    text = OPEN_CLIP if any(k.startswith(OPEN_CLIP) for k in sd) else TEXT
+    parts = {UNET: {}, VAE_: {}, text: {}}
     unexpected = []
     for k, v in sd.items():
         prefix = next((p for p in parts if k.startswith(p)), None)
@@ -265,12 +279,13 @@ def split_compvis(sd, path):
         elif k not in SCHEDULE_BUFFERS and not k.startswith("model_ema."):
             unexpected.append(k)
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {_some(unexpected)}; not a plain SD v1 checkpoint")
-    for p, name in ((VAE_, "VAE"), (TEXT, "text encoder")):
+        raise CheckpointError(f"{path}: unexpected tensor(s) {_some(unexpected)}; not a plain SD v1 / 2.x checkpoint")
+    for p, name in ((VAE_, "VAE"), (text, "text encoder")):
         if not parts[p]:
             raise CheckpointError(f"{path}: the {name} is missing (no '{p}*' tensors); "
                                   "a UNet-only file cannot be sampled from")
-    return parts[UNET], parts[VAE_], text_model_keys(parts[TEXT])
+    text_sd = from_open_clip(parts[text], text_layers) if text == OPEN_CLIP else text_model_keys(parts[text])
+    return parts[UNET], parts[VAE_], text_sd
 
 
 def text_model_keys(sd):
@@ -287,9 +302,11 @@ def _some(keys):
 
 # -----------------------------------------------------------------------------------------------
 # Configs: from the file's metadata when we wrote it, else inferred from tensor shapes. Head counts
-# and GroupNorm groups leave no trace in shapes; official SD v1 uses 8 heads and 32 groups.
+# and GroupNorm groups leave no trace in shapes; official SD v1 uses 8 heads and 32 groups, SD 2.x
+# heads of 64 channels. Nor does the prediction type: SD 2.x files are read as v-prediction (the
+# 768-v models, as diffusers guesses), unless load(prediction_type="epsilon") says (512-base).
 
-def infer_unet_config(sd):
+def infer_unet_config(sd, version="v1"):
     mc = sd["input_blocks.0.0.weight"].shape[0]
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     levels = 1 + sum(1 for k in sd if k.startswith("input_blocks.") and k.endswith(".0.op.weight"))
@@ -298,9 +315,11 @@ def infer_unet_config(sd):
     mult = tuple(sd[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0] // mc for b in first)
     attn = tuple(i for i, b in enumerate(first) if f"input_blocks.{b}.1.norm.weight" in sd)
     ctx = next(v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    linear = next(v.ndim == 2 for k, v in sd.items() if k.endswith(".proj_in.weight"))
+    v2 = dict(num_head_channels=64, upcast_attention=True, prediction_type="v_prediction") if version == "v2" else {}
     return UNetConfig(in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
                       model_channels=mc, channel_mult=mult, num_res_blocks=nrb, attention_levels=attn,
-                      context_dim=ctx)
+                      context_dim=ctx, use_linear_projection=linear, **v2)
 
 
 def infer_vae_config(sd):
@@ -313,11 +332,12 @@ def infer_vae_config(sd):
                      embed_dim=sd["post_quant_conv.weight"].shape[0])
 
 
-def infer_text_config(sd):
+def infer_text_config(sd, open_clip=False):
     vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
     return TextConfig(vocab_size=vocab, max_length=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-                      width=width, layers=layers, heads=max(1, width // 64))
+                      width=width, layers=layers, heads=max(1, width // 64),
+                      hidden_act="gelu" if open_clip else "quick_gelu")
 
 
 def _infer(infer, sd, what, path):
@@ -325,9 +345,9 @@ def _infer(infer, sd, what, path):
     try:
         return infer(sd)
     except KeyError as e:
-        raise CheckpointError(f"{path}: {what} tensor {e.args[0]} is missing; incomplete or not SD v1?") from None
+        raise CheckpointError(f"{path}: {what} tensor {e.args[0]} is missing; incomplete or not SD?") from None
     except (StopIteration, ValueError, IndexError):  # no keys of a kind at all, or a malformed name
-        raise CheckpointError(f"{path}: the {what} tensors do not form a SD v1 {what}; wrong model?") from None
+        raise CheckpointError(f"{path}: the {what} tensors do not form a SD {what}; wrong model?") from None
 
 
 def _config(cls, d):
@@ -382,32 +402,46 @@ def _check_tokenizer(tok, cfg, path):
                               f"{cfg.vocab_size}; the tokenizer does not belong to this model")
 
 
-def load(path, device="cpu", dtype=torch.float32, variant=None, verbose=False):
+def load(path, device="cpu", dtype=torch.float32, variant=None, verbose=False, prediction_type=None):
     """Load a CompVis single file (.safetensors / .ckpt) or a diffusers folder -> StableDiffusion.
 
     dtype is the compute dtype: fp16 / bf16 files are upcast (or fp32 files downcast) on load;
     None keeps the dtype stored in the file. `variant="fp16"` picks the *.fp16.* files of a
-    diffusers folder. verbose prints which file(s) were read.
+    diffusers folder. verbose prints which file(s) were read. prediction_type ("epsilon" or
+    "v_prediction") overrides what the file says or what is guessed (SD 2.x CompVis files say nothing).
     """
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path, device=device, dtype=dtype, variant=variant, verbose=verbose)
+        model = load_diffusers(path, device=device, dtype=dtype, variant=variant, verbose=verbose)
+    else:
+        model = load_compvis(path, device=device, dtype=dtype, verbose=verbose)
+    if prediction_type is not None:
+        model.unet.cfg = replace(model.unet.cfg, prediction_type=prediction_type)
+    return model
+
+
+def load_compvis(path, device="cpu", dtype=torch.float32, verbose=False):
     sd, meta = read_any(path)
-    check_is_sd_v1(sd, path)
+    version = check_supported(sd, path)
     sd, ema = _use_ema(sd, path)
-    unet_sd, vae_sd, text_sd = split_compvis(sd, path)
+    open_clip = any(k.startswith(OPEN_CLIP) for k in sd)
     stored = json.loads(meta["duge.config"]) if "duge.config" in meta else {}
+    unet_sd, vae_sd, text_sd = split_compvis(sd, path, stored.get("text", {}).get("layers"))
     cfgs = {}
-    for name, cls, infer, part, what in (("unet", UNetConfig, infer_unet_config, unet_sd, "UNet"),
+    for name, cls, infer, part, what in (("unet", UNetConfig, lambda d: infer_unet_config(d, version), unet_sd, "UNet"),
                                          ("vae", VAEConfig, infer_vae_config, vae_sd, "VAE"),
-                                         ("text", TextConfig, infer_text_config, text_sd, "text encoder")):
+                                         ("text", TextConfig, lambda d: infer_text_config(d, open_clip), text_sd,
+                                          "text encoder")):
         cfgs[name] = _config(cls, stored[name]) if name in stored else _infer(infer, part, what, path)
     unet, vae, text = _build(unet_sd, vae_sd, text_sd, cfgs, path, device, dtype)
-    tok = Tokenizer.from_merges_text(meta["duge.tokenizer"]) if "duge.tokenizer" in meta else Tokenizer.from_openai_gz()
+    pad = "!" if open_clip else EOT  # open_clip pads with id 0
+    tok = (Tokenizer.from_merges_text(meta["duge.tokenizer"], pad=pad) if "duge.tokenizer" in meta
+           else Tokenizer.from_openai_gz(pad=pad))
     _check_tokenizer(tok, cfgs["text"], path)
     if verbose:
         print(f"read {path} (CompVis single file{', UNet from its EMA copy' if ema else ''})", file=sys.stderr)
-    return StableDiffusion(tok, text, unet, vae, meta=meta, image_size=stored.get("image_size", 512),
+    native = 768 if version == "v2" else 512  # SD 2.x guessed as a 768-v model, as its prediction type
+    return StableDiffusion(tok, text, unet, vae, meta=meta, image_size=stored.get("image_size", native),
                            guidance=stored.get("guidance", 7.5), source=str(path), format="compvis")
 
 
@@ -446,15 +480,16 @@ def load_diffusers(path, device="cpu", dtype=torch.float32, variant=None, verbos
     if not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: a folder, but not a diffusers Stable Diffusion folder (no unet/)")
     uc, vc, tc = (_read_json(path / p / "config.json") for p in ("unet", "vae", "text_encoder"))
-    if uc.get("cross_attention_dim", 768) >= 1024 or uc.get("use_linear_projection"):
-        raise CheckpointError(f"{path}: a Stable Diffusion 2.x / SDXL UNet; only v1.x is supported")
+    if uc.get("addition_embed_type") or (path / "text_encoder_2").is_dir():
+        raise CheckpointError(f"{path}: an SDXL folder; only Stable Diffusion v1.x and 2.x are supported")
     if uc.get("in_channels", 4) == 9:
-        raise CheckpointError(f"{path}: an inpainting UNet (9 input channels); only txt2img v1.x is supported")
+        raise CheckpointError(f"{path}: an inpainting UNet (9 input channels); only txt2img v1.x and 2.x are supported")
+    sc = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
     try:
-        cfgs = {"unet": unet_config_from_diffusers(uc), "vae": vae_config_from_diffusers(vc),
-                "text": text_config_from_diffusers(tc, path)}
+        cfgs = {"unet": unet_config_from_diffusers(uc, sc.get("prediction_type", "epsilon")),
+                "vae": vae_config_from_diffusers(vc), "text": text_config_from_diffusers(tc, path)}
     except (KeyError, TypeError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{path}: a config.json lacks or garbles {e}; not a SD v1 diffusers folder?") from None
+        raise CheckpointError(f"{path}: a config.json lacks or garbles {e}; not a SD diffusers folder?") from None
     files = {p: _pick_weights(path / p, names, variant) for p, names in WEIGHT_FILES.items()}
     raw = {p: read_any(f)[0] for p, f in files.items()}
 
@@ -464,7 +499,7 @@ def load_diffusers(path, device="cpu", dtype=torch.float32, variant=None, verbos
     vae_sd = _rename({normalize_legacy_diffusers_key(k): v for k, v in raw["vae"].items()}, vinv, "VAE", path)
     vae_sd = {k: from_diffusers_tensor(k, v) for k, v in vae_sd.items()}
     unet, vae, text = _build(unet_sd, vae_sd, text_model_keys(raw["text_encoder"]), cfgs, path, device, dtype)
-    tok = read_tokenizer(path / "tokenizer")
+    tok = read_tokenizer(path / "tokenizer", pad="!" if cfgs["text"].hidden_act == "gelu" else EOT)
     _check_tokenizer(tok, cfgs["text"], path)
     meta = _read_json(path / "duge.json") if (path / "duge.json").exists() else {}
     stored = json.loads(meta.get("duge.config", "{}"))
@@ -484,10 +519,10 @@ def unet_from_diffusers_tensors(cfg, sd):
     return model.eval()
 
 
-def read_tokenizer(folder):
-    """The folder's CLIP tokenizer (clip_text reads both HF layouts); no folder: OpenAI's."""
+def read_tokenizer(folder, pad=EOT):
+    """The folder's CLIP tokenizer (clip_text reads both HF layouts); no folder: OpenAI's, padded with `pad`."""
     try:
-        return Tokenizer.from_folder(folder) if folder.is_dir() else Tokenizer.from_openai_gz()
+        return Tokenizer.from_folder(folder) if folder.is_dir() else Tokenizer.from_openai_gz(pad=pad)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: not a CLIP tokenizer we can read ({str(e).splitlines()[0]})") from None
 
@@ -496,38 +531,50 @@ def _rename(sd, inverse_map, what, path):
     out = {}
     for k, v in sd.items():
         if k not in inverse_map:
-            raise CheckpointError(f"{path}: {what} tensor {k!r} has no place in a SD v1 {what}; wrong model?")
+            raise CheckpointError(f"{path}: {what} tensor {k!r} has no place in a SD {what}; wrong model?")
         out[inverse_map[k]] = v
     return out
 
 
-def unet_config_from_diffusers(c):
-    types = c["down_block_types"]
-    # SD v1 configs store the head count as "attention_head_dim" (a historical misnomer)
+def unet_config_from_diffusers(c, prediction_type="epsilon"):
+    types, widths = c["down_block_types"], c["block_out_channels"]
+    # "attention_head_dim" is the number of heads (a historical misnomer): one for all levels (SD v1), or
+    # one per level (SD 2.x: [5, 10, 20, 20], i.e. heads of 64 channels)
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
-    if isinstance(heads, list):
-        heads = heads[0]
+    heads = dict(num_heads=heads) if isinstance(heads, int) else _head_channels(heads, widths)
     return UNetConfig(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
-                      model_channels=c["block_out_channels"][0],
-                      channel_mult=tuple(b // c["block_out_channels"][0] for b in c["block_out_channels"]),
+                      model_channels=widths[0], channel_mult=tuple(b // widths[0] for b in widths),
                       num_res_blocks=c.get("layers_per_block", 2),
                       attention_levels=tuple(i for i, t in enumerate(types) if t.startswith("CrossAttn")),
-                      num_heads=heads, context_dim=c.get("cross_attention_dim", 768),
-                      norm_groups=c.get("norm_num_groups", 32))
+                      context_dim=c.get("cross_attention_dim", 768), norm_groups=c.get("norm_num_groups", 32),
+                      use_linear_projection=c.get("use_linear_projection", False),
+                      upcast_attention=c.get("upcast_attention", False), prediction_type=prediction_type, **heads)
+
+
+def _head_channels(heads, widths):
+    """Per-level head counts -> UNetConfig's way to say them: one count, or one head size."""
+    if len(set(heads)) == 1:
+        return dict(num_heads=heads[0])
+    sizes = {w // h for w, h in zip(widths, heads)}
+    if len(sizes) != 1 or any(w % h for w, h in zip(widths, heads)):
+        raise TypeError(f"attention_head_dim {heads} (neither one head count nor one head size)")
+    return dict(num_head_channels=sizes.pop())
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, sample_size):
     n = len(cfg.channel_mult)
     down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(n)]
     up = ["CrossAttnUpBlock2D" if (n - 1 - i) in cfg.attention_levels else "UpBlock2D" for i in range(n)]
-    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.num_heads,
+    heads = [cfg.heads(cfg.model_channels * m) for m in cfg.channel_mult] if cfg.num_head_channels else cfg.num_heads
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
             "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
             "center_input_sample": False, "cross_attention_dim": cfg.context_dim,
             "down_block_types": down, "up_block_types": up, "downsample_padding": 1,
             "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": cfg.in_channels,
             "out_channels": cfg.out_channels, "layers_per_block": cfg.num_res_blocks,
             "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": cfg.norm_groups,
-            "sample_size": sample_size, "use_linear_projection": False, "upcast_attention": False}
+            "sample_size": sample_size, "use_linear_projection": cfg.use_linear_projection,
+            "upcast_attention": cfg.upcast_attention}
 
 
 def vae_config_from_diffusers(c):
@@ -548,15 +595,17 @@ def vae_config_to_diffusers(cfg: VAEConfig, sample_size):
 
 
 def text_config_from_diffusers(c, path=""):
-    if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise CheckpointError(f"{path}: the text encoder uses {c.get('hidden_act')}, not quick_gelu; "
-                              "not a SD v1 CLIP text encoder")
+    act = c.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu") or c.get("intermediate_size", 4 * c["hidden_size"]) != 4 * c["hidden_size"]:
+        raise CheckpointError(f"{path}: the text encoder uses {act} and a {c.get('intermediate_size')}-wide MLP; "
+                              "not a SD v1 / 2.x CLIP text encoder")
     return TextConfig(vocab_size=c.get("vocab_size", 49408), max_length=c.get("max_position_embeddings", 77),
-                      width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"])
+                      width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                      hidden_act=act)
 
 
 def text_config_to_diffusers(cfg: TextConfig, dtype=torch.float32):
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": cfg.hidden_act,
             "hidden_size": cfg.width, "intermediate_size": 4 * cfg.width, "num_attention_heads": cfg.heads,
             "num_hidden_layers": cfg.layers, "max_position_embeddings": cfg.max_length,
             "vocab_size": cfg.vocab_size, "layer_norm_eps": 1e-5, "projection_dim": cfg.width,
@@ -579,9 +628,12 @@ def metadata(model, extra=None):
 
 def compvis_state_dict(model):
     sd = {}
-    for prefix, m in ((UNET, model.unet), (VAE_, model.vae), (TEXT, model.text_encoder)):
-        sd.update({prefix + k: v.detach().contiguous() for k, v in m.state_dict().items()})
-    return sd
+    text = model.text_encoder.state_dict()
+    text = {OPEN_CLIP + k: v for k, v in to_open_clip(text).items()} if model.open_clip else \
+        {TEXT + k: v for k, v in text.items()}
+    for prefix, m in ((UNET, model.unet), (VAE_, model.vae)):
+        sd.update({prefix + k: v for k, v in m.state_dict().items()})
+    return {k: v.detach().contiguous() for k, v in {**sd, **text}.items()}
 
 
 def output_format(path, format=None):
@@ -641,7 +693,7 @@ def _write_diffusers(model, folder, meta, cast):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
         "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
-        "prediction_type": "epsilon", "timestep_spacing": "leading"}, indent=2))
+        "prediction_type": model.unet.cfg.prediction_type, "timestep_spacing": "leading"}, indent=2))
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -655,7 +707,7 @@ def _write_diffusers(model, folder, meta, cast):
 # The command line: convert once, then load the clean file every time.
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m checkpoint", description="Stable Diffusion v1 checkpoint tools.")
+    ap = argparse.ArgumentParser(prog="python -m checkpoint", description="Stable Diffusion v1 / 2.x checkpoint tools.")
     sub = ap.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="rewrite a .ckpt / .safetensors / diffusers folder as a "
                                           ".safetensors file or a diffusers folder")

@@ -1,7 +1,13 @@
-"""The text side of Stable Diffusion v1: CLIP's BPE tokenizer and CLIP's text transformer.
+"""The text side of Stable Diffusion: CLIP's BPE tokenizer and CLIP's text transformer.
 
-A prompt becomes 77 token ids, and the ids become the context [B, 77, 768] that every
-cross-attention layer of the UNet reads.
+A prompt becomes 77 token ids, and the ids become the context [B, 77, 768] (SD v1) or
+[B, 77, 1024] (SD 2.x) that every cross-attention layer of the UNet reads.
+
+SD 2.x swaps OpenAI's ViT-L/14 text tower for OpenCLIP's ViT-H/14 (width 1024, 24 layers, 16 heads)
+with three differences, all settings here: exact GELU instead of quick_gelu (TextConfig.hidden_act);
+the context is the penultimate layer's output, after the final LayerNorm, so our module simply has
+layers=23 and a converter drops the unused 24th resblock (as diffusers' CLIPTextModel for SD 2.x does);
+and the tokenizer pads with id 0 ('!') instead of <|endoftext|> (Tokenizer(pad="!")).
 
 Sources (read for understanding, written here from scratch):
 - Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"
@@ -14,6 +20,9 @@ Sources (read for understanding, written here from scratch):
   stored in SD v1 checkpoints (cond_stage_model.transformer.text_model.*) and the text cleaning.
 - CompVis/stable-diffusion ldm/modules/encoders/modules.py (FrozenCLIPEmbedder): padding to 77
   with <|endoftext|>, no attention mask, last_hidden_state after the final LayerNorm as context.
+- Stability-AI/stablediffusion ldm/modules/encoders/modules.py (FrozenOpenCLIPEmbedder, layer
+  "penultimate") and mlfoundations/open_clip (tokenizer.py: zero padding; model configs: ViT-H-14
+  uses GELU): the SD 2.x text side.
 """
 
 import gzip
@@ -100,17 +109,31 @@ def merge_pair(symbols, pair):
     return merged
 
 
+def read_pad_token(folder) -> str:
+    """The pad token a tokenizer folder names (tokenizer_config.json or special_tokens_map.json, as a
+    string or as {"content": ...}); <|endoftext|> when neither says."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = Path(folder) / name
+        pad = json.loads(f.read_text(encoding="utf-8")).get("pad_token") if f.is_file() else None
+        if pad is not None:
+            return pad["content"] if isinstance(pad, dict) else pad
+    return EOT
+
+
 class Tokenizer:
-    """CLIP byte-level BPE with SD v1 framing: [sot] + ids[:75] + [eot], padded with eot to 77.
+    """CLIP byte-level BPE with SD framing: [sot] + ids[:75] + [eot], padded to 77 with `pad`:
+    eot in SD v1 (transformers' CLIPTokenizer, pad_token <|endoftext|>), '!' = id 0 in SD 2.x
+    (open_clip's tokenize pads with zeros; SD 2.x's tokenizer folder says pad_token '!').
 
     The vocabulary is not stored: it is built from the ordered merges list as
     256 byte symbols, the same 256 with '</w>' (end of word), one token per merge, sot, eot.
     With OpenAI's 48,894 merges that is 49,408 ids; a toy model may use far fewer merges.
     """
 
-    def __init__(self, merges: list[tuple[str, str]], max_length: int = 77):
+    def __init__(self, merges: list[tuple[str, str]], max_length: int = 77, pad: str = EOT):
         self.merges = [tuple(m) for m in merges]
         self.max_length = max_length
+        self.pad = pad
         self.byte_encoder = bytes_to_unicode()
         symbols = list(self.byte_encoder.values())
         tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in self.merges] + [SOT, EOT]
@@ -120,6 +143,7 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(self.merges)}  # lower rank = learned earlier = merged first
         self.vocab_size = len(tokens)
         self.sot_id, self.eot_id = self.vocab_size - 2, self.vocab_size - 1
+        self.pad_id = self.vocab[pad]
         # BPE of a word never changes, and prompts repeat words: remember each word's ids.
         # Seeded with the special tokens, so a prompt that spells out '<|endoftext|>' gets its id
         # (as in OpenAI's code; transformers only for the lower-case spelling, matched before
@@ -127,16 +151,16 @@ class Tokenizer:
         self.cache = {SOT: [self.sot_id], EOT: [self.eot_id]}
 
     @classmethod
-    def from_openai_gz(cls, path=DEFAULT_BPE):
+    def from_openai_gz(cls, path=DEFAULT_BPE, pad: str = EOT):
         """OpenAI's bpe_simple_vocab_16e6.txt.gz: a header line, then one 'a b' merge per line."""
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:OPENAI_MERGES + 1]
-        return cls([tuple(line.split()) for line in lines])
+        return cls([tuple(line.split()) for line in lines], pad=pad)
 
     @classmethod
-    def from_merges_text(cls, text: str):
+    def from_merges_text(cls, text: str, pad: str = EOT):
         """Inverse of merges_text(): the merges.txt format of HF tokenizer folders."""
-        return cls(parse_merges(text))
+        return cls(parse_merges(text), pad=pad)
 
     def merges_text(self) -> str:
         return MERGES_HEADER + "\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
@@ -158,7 +182,7 @@ class Tokenizer:
             bpe = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
             vocab = bpe["vocab"]
             merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]  # "a b" or [a, b]
-        tok = cls(merges[: len(vocab) - 2 * 256 - 2])
+        tok = cls(merges[: len(vocab) - 2 * 256 - 2], pad=read_pad_token(path))
         if vocab != tok.vocab:
             diff = [t for t in vocab if tok.vocab.get(t) != vocab[t]][:5]
             raise ValueError(f"{path}: the stored vocabulary disagrees with the one built from the merges "
@@ -171,7 +195,7 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         (path / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
         (path / "merges.txt").write_text(self.merges_text(), encoding="utf-8")
-        special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+        special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": self.pad}
         (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         (path / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
@@ -206,7 +230,7 @@ class Tokenizer:
         rows = []
         for text in texts:
             ids = [self.sot_id] + self.encode(text)[: self.max_length - 2] + [self.eot_id]
-            rows.append(ids + [self.eot_id] * (self.max_length - len(ids)))  # SD v1 pads with eot
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))  # eot (v1) or 0 (2.x)
         return torch.tensor(rows, dtype=torch.long)  # (B, 77)
 
 
@@ -216,16 +240,25 @@ class Tokenizer:
 
 @dataclass
 class TextConfig:
+    """Defaults: SD v1's OpenAI ViT-L/14 text tower. SD 2.x: SD_V2_TEXT below."""
     vocab_size: int = 49408
     max_length: int = 77  # number of learned positions
     width: int = 768
-    layers: int = 12
-    heads: int = 12  # head size 64
+    layers: int = 12      # the layers run: SD 2.x has 23 (the 24th of ViT-H/14 is skipped, "penultimate")
+    heads: int = 12       # head size 64
+    hidden_act: str = "quick_gelu"  # the MLP's activation: "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP)
+
+
+# SD 2.x: OpenCLIP ViT-H/14 (laion2b_s32b_b79k) up to its penultimate layer
+SD_V2_TEXT = TextConfig(width=1024, layers=23, heads=16, hidden_act="gelu")
 
 
 def quick_gelu(x):
-    # CLIP was trained with this sigmoid approximation of GELU; exact GELU shifts the outputs.
+    # OpenAI's CLIP was trained with this sigmoid approximation of GELU; exact GELU shifts the outputs.
     return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # F.gelu: exact (erf), as OpenCLIP's nn.GELU
 
 
 class SelfAttention(nn.Module):
@@ -252,9 +285,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, 4 * cfg.width)
         self.fc2 = nn.Linear(4 * cfg.width, cfg.width)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):  # (B, T, C)
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -307,8 +341,9 @@ class TextTransformer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, 77) -> SD v1 context (B, 77, width): the last hidden state after the final
-    LayerNorm, at every position (CompVis uses all 77, padding included, with no mask)."""
+    """Token ids (B, 77) -> SD context (B, 77, width): the last hidden state after the final
+    LayerNorm, at every position (CompVis uses all 77, padding included, with no mask). For SD 2.x
+    the last layer here is OpenCLIP's 23rd of 24: SD 2.x's "penultimate" context."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -317,3 +352,67 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens):  # (B, T)
         return self.text_model(tokens)  # (B, T, width)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenCLIP's names for the same tensors: SD 2.x single files store its text tower under
+# cond_stage_model.model.* (open_clip/transformer.py: nn.MultiheadAttention's fused in_proj, ln_1, ...)
+
+OPEN_CLIP_NAMES = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                   "positional_embedding": "embeddings.position_embedding.weight",
+                   "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# Not part of SD 2.x's context: the pooled output's projection, CLIP's logit temperature, and the last
+# resblock (SD 2.x stops at the penultimate one)
+OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def from_open_clip(sd: dict, layers: int | None = None) -> dict:
+    """OpenCLIP text-tower state dict -> ours, with its first `layers` resblocks (None: all but the last,
+    SD 2.x's penultimate cut of an official file). in_proj_weight [3C, C] is q, k and v stacked, in that
+    order. Unknown keys pass through unrenamed, for the strict loader to name."""
+    if layers is None:
+        layers = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=0)
+    out = {}
+    for k, v in sd.items():
+        if k in OPEN_CLIP_UNUSED or k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= layers:
+            continue
+        if k in OPEN_CLIP_NAMES:
+            out["text_model." + OPEN_CLIP_NAMES[k]] = v
+        elif k.startswith("transformer.resblocks."):
+            _, _, i, rest = k.split(".", 3)                     # rest: "ln_1.weight", "attn.in_proj_bias", ...
+            module, leaf = rest.rsplit(".", 1)
+            layer = f"text_model.encoder.layers.{i}."
+            if module == "attn" and leaf in ("in_proj_weight", "in_proj_bias"):
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):  # (C, C) or (C,) each
+                    out[f"{layer}self_attn.{name}.{leaf.removeprefix('in_proj_')}"] = part
+            else:
+                out[layer + OPEN_CLIP_LAYER.get(module, module) + "." + leaf] = v
+        else:
+            out[k] = v
+    return out
+
+
+def to_open_clip(sd: dict) -> dict:
+    """Inverse of from_open_clip, for the layers we have: no 24th resblock, text_projection or logit_scale.
+    diffusers reads such a file, and from_open_clip given the number of layers (checkpoint.py stores it);
+    the original SD 2 code, loading strictly, would not."""
+    names = {v: k for k, v in OPEN_CLIP_NAMES.items()}
+    layer_names = {v: k for k, v in OPEN_CLIP_LAYER.items()}
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("text_model.")
+        if k in names:
+            out[names[k]] = v
+            continue
+        _, _, i, rest = k.split(".", 3)                         # encoder.layers.i.rest
+        module, leaf = rest.rsplit(".", 1)
+        block = f"transformer.resblocks.{i}."
+        if module.startswith("self_attn.") and module != "self_attn.out_proj":
+            if module == "self_attn.q_proj":                    # q, k, v -> one fused in_proj
+                out[f"{block}attn.in_proj_{leaf}"] = torch.cat(
+                    [sd[f"text_model.encoder.layers.{i}.self_attn.{p}.{leaf}"] for p in ("q_proj", "k_proj", "v_proj")])
+        else:
+            out[block + layer_names[module] + "." + leaf] = v
+    return out

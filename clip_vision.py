@@ -49,6 +49,7 @@ class VisionConfig:
     heads: int = 16  # head size 64
     projection_dim: int = 768  # D, the joint space (the text projection has the same output size)
     layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # read by clip_text.MLP
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Sampling from Stable Diffusion v1: the noise schedule, DDIM and DDPM, classifier-free guidance.
+"""Sampling from Stable Diffusion: the noise schedule, DDIM and DDPM, classifier-free guidance.
 
     python sample.py "a red circle in the style of van gogh"          # the toy model in weights/
     python sample.py "an astronaut riding a horse" --weights sd-v1-5.safetensors -n 4
@@ -10,6 +10,10 @@ References
 - DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (Algorithm 2, ancestral sampling).
 - DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models" (eq. 12).
 - Classifier-free guidance: Ho & Salimans 2022.
+- v-prediction: Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+  (section 4, v = alpha eps - sigma x0), as SD 2.x's 768-v models use it (Stability-AI/stablediffusion
+  configs/stable-diffusion/v2-inference-v.yaml, parameterization "v"). The samplers work in eps; a
+  v model's output is turned into eps where the model is called (guided_eps).
 - Conventions (schedule, timestep grid, final alpha) follow CompVis ldm/models/diffusion/ddim.py, the
   code SD v1 was released with; diffusers' DDIMScheduler reproduces them with
   timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False.
@@ -44,10 +48,36 @@ def make_alphas_cumprod(beta_start=0.00085, beta_end=0.012, T=NUM_TRAIN_TIMESTEP
 alphas_cumprod = make_alphas_cumprod()
 
 
+def abar_at(t, like):
+    """abar_t for an int or (B,) tensor of timesteps, shaped to broadcast over `like` (B, C, H, W)."""
+    return alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+
+
 def add_noise(x0, noise, t):
     """q(x_t | x_0): the training-time forward process. t is a (B,) LongTensor of timesteps."""
-    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    abar = abar_at(t, x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def v_target(x0, noise, t):
+    """What a v-prediction model is trained to output at x_t = add_noise(x0, noise, t):
+    v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), where an eps model's target is the noise."""
+    abar = abar_at(t, x0)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")   # diffusers' names, stored in unet.UNetConfig.prediction_type
+
+
+def eps_from_output(out, x, t, prediction_type):
+    """A model's output at (x_t, t) as the noise eps the samplers use. From v:
+    eps = sqrt(1 - abar) x_t + sqrt(abar) v, and so x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        abar = abar_at(t, x)
+        return (1 - abar).sqrt() * x + abar.sqrt() * out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
 
 
 def noised_rows(x0, n, generator):
@@ -167,14 +197,19 @@ SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpm++2m": dpmpp_2m_sample
 
 
 def guided_eps(unet, cond, uncond, guidance):
-    """Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), one batched UNet call on [u, c]."""
+    """Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), one batched UNet call on [u, c].
+    A v model is guided in v (as diffusers does) and the result turned into eps: the same thing, since
+    eps is affine in v with the same x_t for both branches."""
     both = None if guidance == 1.0 else torch.cat([uncond, cond])   # one tensor for every step (reusing_text)
+    prediction_type = unet.cfg.prediction_type
 
     def eps_fn(x, t):
         if guidance == 1.0:
-            return unet(x, t, cond)
-        e_u, e_c = unet(torch.cat([x, x]), t, both).chunk(2)
-        return e_u + guidance * (e_c - e_u)
+            out = unet(x, t, cond)
+        else:
+            out_u, out_c = unet(torch.cat([x, x]), t, both).chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        return eps_from_output(out, x, t, prediction_type)
     return eps_fn
 
 

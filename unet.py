@@ -1,4 +1,4 @@
-"""The Stable Diffusion v1 denoiser: a UNet that predicts the noise eps in a 4x64x64 latent.
+"""The Stable Diffusion denoiser (v1 and 2.x): a UNet that predicts the noise in a 4x64x64 latent.
 
     eps = UNet(x_t, t, context)    x_t (B, 4, 64, 64), t (B,), context (B, 77, 768) from CLIP
 
@@ -6,6 +6,12 @@ It is the "LDM" UNet of Rombach et al., "High-Resolution Image Synthesis with La
 Models" (CVPR 2022), built on the ADM UNet of Dhariwal & Nichol, "Diffusion Models Beat GANs on
 Image Synthesis" (2021). The text enters only through cross-attention (attn2): queries from the
 image, keys and values from the prompt. Those attn2 layers are what duge.py reads and edits.
+
+SD 2.x is the same network with four settings of UNetConfig (SD_V2 below; Stability-AI/stablediffusion
+configs/stable-diffusion/v2-inference{,-v}.yaml and ldm/modules/attention.py): heads of 64 channels
+(5/10/20/20 heads instead of 8 everywhere), a 1024-wide context from OpenCLIP ViT-H/14, proj_in/proj_out
+as Linear layers on the tokens instead of 1x1 convs on the map, and attention computed in fp32. The
+768-pixel 2.x models predict v instead of eps (`prediction_type`; sample.py turns v into eps).
 
 Module names reproduce the official CompVis checkpoint (CompVis/stable-diffusion,
 ldm/modules/diffusionmodules/openaimodel.py and ldm/modules/attention.py), so a CompVis state dict
@@ -26,15 +32,28 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class UNetConfig:
+    """Defaults: SD v1. SD 2.x changes the last five fields (SD_V2 below)."""
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320               # channels at full resolution; level i has model_channels * channel_mult[i]
     channel_mult: tuple = (1, 2, 4, 4)      # one entry per resolution level; a 2x downsample between levels
     num_res_blocks: int = 2                 # ResBlocks per level in the encoder (the decoder has one more)
     attention_levels: tuple = (0, 1, 2)     # levels with a SpatialTransformer after each ResBlock
-    num_heads: int = 8                      # heads at every level, so dim_head = channels // num_heads
-    context_dim: int = 768                  # width of the text encoder's output
+    num_heads: int = 8                      # heads at every level, so dim_head = channels // num_heads ...
+    num_head_channels: int | None = None    # ... unless this is set: dim_head fixed, heads = channels // it (2.x: 64)
+    context_dim: int = 768                  # width of the text encoder's output (2.x: 1024)
     norm_groups: int = 32
+    use_linear_projection: bool = False     # proj_in/proj_out: 1x1 convs (v1) or Linear on the tokens (2.x)
+    upcast_attention: bool = False          # attention in fp32 even in a fp16/bf16 model (2.1 overflows without)
+    prediction_type: str = "epsilon"        # what the output is: "epsilon" (v1, 2.x-base) or "v_prediction" (2.x-v)
+
+    def heads(self, channels):
+        """Attention heads of a transformer with `channels` channels (CompVis num_heads / num_head_channels)."""
+        return channels // self.num_head_channels if self.num_head_channels else self.num_heads
+
+
+# SD 2.x (v2-inference.yaml; the 768-v models also have prediction_type="v_prediction")
+SD_V2 = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_projection=True, upcast_attention=True)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -81,11 +100,14 @@ class CrossAttention(nn.Module):
     attn2: queries from the pixels, keys and values from the text, so each pixel reads the prompt.
 
     duge.py reads A^l, the attention output before to_out, with a forward pre-hook on `to_out`, or
-    the maps (`attention_maps`). `fused = False` runs the spelled-out softmax(q k^T / sqrt(D)) v."""
+    the maps (`attention_maps`). `fused = False` runs the spelled-out softmax(q k^T / sqrt(D)) v.
+    upcast: q, k, v in fp32 whatever the model dtype (SD 2.1's q k^T overflows fp16); the output is
+    cast back. diffusers' upcast_attention keeps v in the model dtype; in fp32 both are the same."""
 
-    def __init__(self, dim, context_dim=None, heads=8):
+    def __init__(self, dim, context_dim=None, heads=8, upcast=False):
         super().__init__()
         self.heads = heads
+        self.upcast = upcast
         context_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
@@ -98,11 +120,14 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)        # (B, H, N, D)
         k, v = self.keys_values(context)                                         # (B, H, T, D) each
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(q k^T / sqrt(D)) v, one kernel
         else:
             out = self.probabilities(q, k) @ v                                   # (B, H, N, D)
-        out = rearrange(out, "b h n d -> b n (h d)")        # (B, N, C): A^l
+        out = rearrange(out.to(dtype), "b h n d -> b n (h d)")  # (B, N, C): A^l
         return self.to_out(out)
 
     def keys_values(self, context):
@@ -126,7 +151,8 @@ class CrossAttention(nn.Module):
         """softmax(q k^T / sqrt(D)) of this call, (B, H, N, T): how much each pixel reads each token."""
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        return self.probabilities(q, rearrange(self.to_k(context), "b t (h d) -> b h t d", h=self.heads))
+        k = rearrange(self.to_k(context), "b t (h d) -> b h t d", h=self.heads)
+        return self.probabilities(q.float(), k.float()).to(q.dtype) if self.upcast else self.probabilities(q, k)
 
 
 class GEGLU(nn.Module):
@@ -153,12 +179,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN transformer layer: self-attention, cross-attention to the text, feed-forward."""
 
-    def __init__(self, dim, heads, context_dim):
+    def __init__(self, dim, heads, context_dim, upcast=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = CrossAttention(dim, heads=heads)
+        self.attn1 = CrossAttention(dim, heads=heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads=heads)
+        self.attn2 = CrossAttention(dim, context_dim, heads=heads, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -170,27 +196,35 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Run a transformer block over the H*W pixels of a feature map, as a residual branch."""
+    """Run a transformer block over the H*W pixels of a feature map, as a residual branch.
 
-    def __init__(self, channels, heads, context_dim, groups):
+    proj_in/proj_out mix channels pixel by pixel: 1x1 convs on the map in v1 (weights [C, C, 1, 1]),
+    Linear layers on the tokens in 2.x (weights [C, C]). The same function; the checkpoints differ."""
+
+    def __init__(self, channels, heads, context_dim, groups, linear=False, upcast=False):
         super().__init__()
+        self.linear = linear
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)    # 1x1 convs in v1 (Linear in v2)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, upcast)])
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)               # as CompVis: starts as the identity
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x, context):                         # x (B, C, H, W)
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = rearrange(h, "b c h w -> b (h w) c")           # (B, H*W, C): one token per pixel
+        to_tokens, to_map = "b c h w -> b (h w) c", "b (h w) c -> b c h w"  # (B, H*W, C): one token per pixel
+        h = self.norm(x)
+        h = self.proj_in(rearrange(h, to_tokens)) if self.linear else rearrange(self.proj_in(h), to_tokens)
         for block in self.transformer_blocks:
             h = block(h, context)
         # contiguous: the permuted view is channels-last in memory, which would send proj_out and the
         # convs after it down a path that re-lays out every conv weight on each call (bench.py speed)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W).contiguous()  # (B, C, H, W)
-        return self.proj_out(h) + x                        # (B, C, H, W)
+        if self.linear:
+            h = rearrange(self.proj_out(h), to_map, h=H, w=W).contiguous()
+        else:
+            h = self.proj_out(rearrange(h, to_map, h=H, w=W).contiguous())
+        return h + x                                       # (B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -237,7 +271,8 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_dim, G)
 
         def attn(ch):
-            return SpatialTransformer(ch, cfg.num_heads, cfg.context_dim, G)
+            return SpatialTransformer(ch, cfg.heads(ch), cfg.context_dim, G, cfg.use_linear_projection,
+                                      cfg.upcast_attention)
 
         # Encoder. For SD v1 (64x64 latent) the 12 input blocks are:
         #   0       conv_in 4->320                64x64

@@ -341,9 +341,12 @@ def crafted(tiny_sd):
     conv_in = UNET + "input_blocks.0.0.weight"
     proj_in = UNET + "input_blocks.1.1.proj_in.weight"
     return {
-        "sd2 text": ({**without(tiny_sd, TEXT), "cond_stage_model.model.token_embedding.weight": torch.zeros(8, 4),
-                      "cond_stage_model.model.positional_embedding": torch.zeros(77, 4)}, "2.x"),
-        "sd2 unet": ({**tiny_sd, to_k: torch.zeros(32, 1024)}, "2.x"),
+        "sd2 text without layers": ({**without(tiny_sd, TEXT), "cond_stage_model.model.token_embedding.weight":
+                                     torch.zeros(8, 4), "cond_stage_model.model.positional_embedding":
+                                     torch.zeros(77, 4)}, "text encoder"),
+        "sd2 unet with v1 text": ({**tiny_sd, to_k: torch.zeros(32, 1024)}, "wrong model size or version"),
+        "sd3": ({**tiny_sd, UNET + "joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(4)},
+                "Stable Diffusion 3"),
         "sdxl": ({**without(tiny_sd, TEXT), "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight":
                   torch.zeros(4)}, "SDXL"),
         "inpainting": ({**tiny_sd, conv_in: torch.zeros(32, 9, 3, 3)}, "inpainting"),
@@ -358,7 +361,8 @@ def crafted(tiny_sd):
     }
 
 
-@pytest.mark.parametrize("case", ["sd2 text", "sd2 unet", "sdxl", "inpainting", "extra tensor", "extra unet tensor",
+@pytest.mark.parametrize("case", ["sd2 text without layers", "sd2 unet with v1 text", "sd3", "sdxl", "inpainting",
+                                  "extra tensor", "extra unet tensor",
                                   "missing tensor", "missing key tensor", "no vae", "misshaped", "no unet"])
 def test_refuses_crafted_checkpoints(tiny_sd, tmp_path, case):
     sd, words = crafted(tiny_sd)[case]
@@ -416,8 +420,8 @@ def test_code_running_ckpt_is_refused(tiny_sd, tmp_path, payload):
     assert not marker.exists()
 
 
-def test_refuses_sd2_and_inpainting_diffusers_folders(hf, tmp_path):
-    for change, words in (({"cross_attention_dim": 1024, "use_linear_projection": True}, "2.x"),
+def test_refuses_sdxl_and_inpainting_diffusers_folders(hf, tmp_path):
+    for change, words in (({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, "SDXL"),
                           ({"in_channels": 9}, "inpainting")):
         folder = Path(shutil.copytree(hf.folder, tmp_path / words))
         cfg = json.loads((folder / "unet" / "config.json").read_text())
@@ -591,3 +595,173 @@ def test_convert_command(tiny_sd, tiny_safetensors, tmp_path):
         assert r.returncode == 2 and r.stdout == "", r
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert sorted(tmp_path.iterdir()) == sorted(before + [tmp_path / "evil.ckpt"]) and not marker.exists()
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. SD 2.x: a diffusers folder written by diffusers, our files in both layouts, an official-layout
+#    single file (OpenCLIP text tower under cond_stage_model.model.)
+
+# heads of 64 channels (1 and 2 heads), Linear proj_in/proj_out, fp32 attention, v-prediction
+UCFG2 = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                   num_head_channels=64, context_dim=64, norm_groups=32, use_linear_projection=True,
+                   upcast_attention=True, prediction_type="v_prediction")
+PROMPTS2 = ["a photo of a cat", "An astronaut riding a horse", ""]  # no '!': transformers splits the pad token off
+
+
+def hf_gelu_text(vocab_size, layers, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    return randomize_(CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="gelu")), seed)
+
+
+@pytest.fixture(scope="module")
+def hf2(tmp_path_factory):
+    """A tiny SD 2.x-like StableDiffusionPipeline saved by diffusers: UNet with attention_head_dim [1, 2] and
+    linear projections, GELU CLIPTextModel, tokenizer padding with '!', v_prediction DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+    tok = Tokenizer(Tokenizer.from_openai_gz().merges[:300], pad="!")
+    tmp = tmp_path_factory.mktemp("hf2")
+    tok.save_folder(tmp / "our_tokenizer")
+    torch.manual_seed(0)
+    unet = randomize_(UNet2DConditionModel(
+        sample_size=8, block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        attention_head_dim=[1, 2], use_linear_projection=True, upcast_attention=True, norm_num_groups=32), 20)
+    vae = randomize_(AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32,
+                                   sample_size=16), 21)
+    text = hf_gelu_text(tok.vocab_size, 2, 22)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                              steps_offset=1, clip_sample=False, timestep_spacing="leading", prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "our_tokenizer"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp / "sd2")
+    return types.SimpleNamespace(folder=tmp / "sd2", pipe=pipe, unet=unet, vae=vae, text=text, tok=tok)
+
+
+@pytest.fixture(scope="module")
+def from_hf2(hf2):
+    return checkpoint.load(hf2.folder)
+
+
+def test_sd2_diffusers_folder_gives_the_reference_outputs(hf2, from_hf2):
+    import sample
+    model = from_hf2
+    assert model.unet.cfg == UCFG2 and model.open_clip and model.tokenizer.pad_id == 0
+    assert model.text_encoder.cfg == TextConfig(vocab_size=814, width=64, layers=2, heads=1, hidden_act="gelu")
+    ids = hf2.pipe.tokenizer(PROMPTS2, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(model.tokenizer(PROMPTS2), ids) and (ids == 0).any()
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([981, 500, 1])
+    with torch.no_grad():
+        ctx = hf2.text(ids).last_hidden_state
+        pairs = {"text": (model.text_encoder(ids), ctx),
+                 "v": (model.unet(x, t, ctx), hf2.unet(x, t, encoder_hidden_states=ctx).sample)}
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    pairs["images"] = (sample.generate(model, PROMPTS2[:2], latents=latents, steps=4, guidance=7.5),
+                       torch.from_numpy(hf2.pipe(prompt=PROMPTS2[:2], height=16, width=16, num_inference_steps=4,
+                                                 guidance_scale=7.5, latents=latents.clone(),
+                                                 output_type="np").images).permute(0, 3, 1, 2))
+    for name, (ours, ref) in pairs.items():
+        diff, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+        print(f"{name}: max abs diff {diff:.2e} (output scale {scale:.2f})")
+        assert ours.shape == ref.shape and scale > 0.1 and diff < 1e-4 * max(1.0, scale), name
+
+
+def test_sd2_compvis_file_round_trip_and_diffusers_conversion(hf2, from_hf2, tmp_path):
+    """Our SD 2.x single file: OpenCLIP's layout for the text (fused in_proj), Linear proj_in; diffusers'
+    own single-file conversion gives back its tensors, and we read back the same model."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint, infer_diffusers_model_type)
+    path = checkpoint.save(from_hf2, tmp_path / "sd2.safetensors")
+    sd = load_file(path)
+    assert not any(k.startswith(TEXT) for k in sd)
+    assert sd["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"].shape == (192, 64)
+    assert sd[UNET + "input_blocks.1.1.proj_in.weight"].shape == (64, 64)
+    assert infer_diffusers_model_type({**sd, UNET + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight":
+                                       torch.zeros(64, 1024)}) == "v2"  # diffusers' test needs SD 2's real width
+    converted = {"unet": convert_ldm_unet_checkpoint(sd, dict(hf2.unet.config)),
+                 "vae": convert_ldm_vae_checkpoint(sd, dict(hf2.vae.config)),
+                 "text": {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(hf2.text, sd).items()}}
+    for name, got in converted.items():
+        ref = getattr(hf2, name).state_dict()
+        assert got.keys() == ref.keys(), name
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+    back = checkpoint.load(path)
+    assert back.configs() == from_hf2.configs() and back.tokenizer.pad_id == 0
+    assert_same_weights(back, from_hf2)
+    assert_same_outputs(back, from_hf2)
+
+
+def test_sd2_diffusers_folder_we_write_loads_in_diffusers(hf2, from_hf2, tmp_path):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    folder = checkpoint.save(from_hf2, tmp_path / "sd2")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    assert unet.config.attention_head_dim == [1, 2] and unet.config.use_linear_projection and unet.config.upcast_attention
+    assert text.config.hidden_act == "gelu"
+    for m, ref in ((unet, hf2.unet), (text, hf2.text)):
+        assert m.state_dict().keys() == ref.state_dict().keys()
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert DDIMScheduler.from_pretrained(folder / "scheduler").config.prediction_type == "v_prediction"
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer").pad_token_id == 0
+    back = checkpoint.load(folder)
+    assert back.configs() == from_hf2.configs() and back.tokenizer.pad_id == 0
+    assert_same_weights(back, from_hf2)
+
+
+def open_clip_layout(hf_text, extra_layer_seed):
+    """A CLIPTextModel's tensors as SD 2.x single files store OpenCLIP's text tower, written out here from
+    weight_formats.md §4, plus what SD 2.x does not use: one more resblock, text_projection, logit_scale."""
+    sd = {k.removeprefix("text_model."): v for k, v in hf_text.state_dict().items()}
+    n = hf_text.config.num_hidden_layers
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
+    for i in range(n):
+        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[b + f"attn.in_proj_{leaf}"] = torch.cat([sd[a + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[b + f"{theirs}.{leaf}"] = sd[a + f"{ours}.{leaf}"]
+    g = torch.Generator().manual_seed(extra_layer_seed)
+    out.update({k.replace(".0.", f".{n}.", 1): torch.randn(v.shape, generator=g)
+                for k, v in out.items() if k.startswith("transformer.resblocks.0.")})
+    out["text_projection"] = torch.randn(64, 64, generator=g)
+    out["logit_scale"] = torch.tensor(4.6052)
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
+def test_sd2_official_layout_file(hf2, from_hf2, openai_tok, tmp_path):
+    """A SD 2.x single file as Stability AI's are (OpenCLIP text tower with its last resblock, text_projection
+    and logit_scale, no metadata of ours): the configs are inferred, the unused tensors dropped, and the
+    text context is the reference CLIPTextModel's (the 24 -> 23 layer cut of SD 2.x, in small)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    hf_text = hf_gelu_text(49408, 2, 30)                     # OpenAI's vocabulary: the file says nothing else
+    text_sd = open_clip_layout(hf_text, 31)
+    got = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(hf_text, text_sd).items()}
+    ref = hf_text.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)     # diffusers reads our hand-written layout the same
+    parts = checkpoint.compvis_state_dict(from_hf2)
+    sd = {**{k: v for k, v in parts.items() if k.startswith((UNET, VAE_))}, **text_sd,
+          **{k: v for k, v in official_extras().items() if not k.startswith(TEXT)}}
+    save_file(sd, tmp_path / "v2-like.safetensors")
+    model = checkpoint.load(tmp_path / "v2-like.safetensors")
+    assert model.unet.cfg == UCFG2 and model.image_size == 768 and model.tokenizer.pad_id == 0
+    assert model.text_encoder.cfg == TextConfig(width=64, layers=2, heads=1, hidden_act="gelu")
+    assert_same_weights(model, checkpoint.StableDiffusion(model.tokenizer, model.text_encoder, from_hf2.unet, from_hf2.vae))
+    rows = [[49406, *openai_tok.encode(p), 49407] for p in PROMPTS2]
+    ids = torch.tensor([r + [0] * (77 - len(r)) for r in rows])  # zero padding after each prompt's eot
+    assert torch.equal(model.tokenizer(PROMPTS2), ids)
+    with torch.no_grad():
+        diff = (model.text_encoder(ids) - hf_text(ids).last_hidden_state).abs().max().item()
+    print(f"text (OpenCLIP layout): max abs diff {diff:.2e}")
+    assert diff < 1e-5
+    assert checkpoint.load(tmp_path / "v2-like.safetensors", prediction_type="epsilon").unet.cfg.prediction_type == "epsilon"

@@ -1,5 +1,6 @@
-"""Tests of clip_text.py: golden token ids, id-for-id parity with transformers' CLIPTokenizer,
-and output parity of TextEncoder with transformers' CLIPTextModel on identical random weights."""
+"""Tests of clip_text.py: golden token ids, id-for-id parity with transformers' CLIPTokenizer (with
+SD v1's <|endoftext|> padding and SD 2.x's zero padding), and output parity of TextEncoder with
+transformers' CLIPTextModel on identical random weights (quick_gelu as SD v1, GELU as SD 2.x)."""
 
 import gc
 import json
@@ -9,7 +10,7 @@ import unicodedata
 import pytest
 import torch
 
-from clip_text import TextConfig, TextEncoder, Tokenizer, parse_merges
+from clip_text import EOT, SD_V2_TEXT, TextConfig, TextEncoder, Tokenizer, parse_merges
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,9 @@ def write_folder(tokenizer, path):
     return path
 
 
-def hf_tokenizer(folder):
+def hf_tokenizer(folder, pad_token=EOT):
     from transformers import CLIPTokenizer
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,19 @@ def test_empty_prompt_and_truncation(tok):
     assert tok("").tolist() == [[49406] + [49407] * 76]
     long = tok("cat " * 100)[0].tolist()  # 'cat</w>' is one token: 100 > 75
     assert long == [49406] + [2368] * 75 + [49407]
+
+
+def test_sd_v2_zero_padding_golden_ids():
+    """SD 2.x: the same ids, padded with 0 ('!') instead of eot. Golden rows from open_clip 3.3.0's
+    tokenize(), which SD 2.x was trained with; a '!' in the prompt stays BPE's '!</w>' (256)."""
+    tok2 = Tokenizer.from_openai_gz(pad="!")
+    assert tok2.pad_id == 0 and tok2.eot_id == 49407
+    astronaut = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    ids = tok2(["a photograph of an astronaut riding a horse", "", "cat " * 100, "hello! world!!"])
+    assert ids[0].tolist() == astronaut + [0] * (77 - len(astronaut))
+    assert ids[1].tolist() == [49406, 49407] + [0] * 75
+    assert ids[2].tolist() == [49406] + [2368] * 75 + [49407]  # truncated: eot kept last, no padding
+    assert ids[3].tolist() == [49406, 3306, 256, 1002, 748, 49407] + [0] * 71
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,9 +133,35 @@ def test_framing_matches_transformers(tok, folder):
     assert torch.equal(tok(texts), expected["input_ids"])
 
 
+def test_zero_padding_matches_transformers(tok, folder):
+    """SD 2.x's tokenizer folder has pad_token '!'; transformers then pads with id 0 as we do. It also makes
+    every '!' of a prompt a special token (id 0, never merged), where open_clip and we run BPE on it ('!</w>'
+    = 256, '!!</w>' = 748): prompts without '!' only."""
+    texts = [t.replace("!", "") for t in prompts()]
+    expected = hf_tokenizer(folder, pad_token="!")(texts, padding="max_length", max_length=77, truncation=True,
+                                                    return_tensors="pt")["input_ids"]
+    got = Tokenizer(tok.merges, pad="!")(texts)
+    assert torch.equal(got, expected)
+    assert (got == 0).sum() > 1000 and not torch.equal(got, tok(texts))  # the padding is exercised
+
+
 def test_from_folder_matches(tok, folder):
     texts = prompts(60, seed=1)
     assert torch.equal(Tokenizer.from_folder(folder)(texts), tok(texts))
+
+
+def test_pad_token_round_trips_through_a_folder(tok, tmp_path):
+    """save_folder writes the pad token; from_folder and transformers' CLIPTokenizer read it back."""
+    from transformers import CLIPTokenizer
+    texts = [t.replace("!", "") for t in prompts(40, seed=3)]  # transformers splits a pad '!' off (above)
+    for pad, pad_id in ((EOT, 49407), ("!", 0)):
+        Tokenizer(tok.merges, pad=pad).save_folder(tmp_path / str(pad_id))
+        ours = Tokenizer.from_folder(tmp_path / str(pad_id))
+        assert ours.pad_id == pad_id
+        hf = CLIPTokenizer.from_pretrained(tmp_path / str(pad_id))
+        assert hf.pad_token_id == pad_id
+        assert torch.equal(ours(texts), hf(texts, padding="max_length", max_length=77, truncation=True,
+                                           return_tensors="pt")["input_ids"])
 
 
 def test_from_folder_rejects_other_vocab(tok, tmp_path):
@@ -187,13 +227,29 @@ def test_sd_v1_text_encoder_keys_and_size():
     assert sd["text_model.final_layer_norm.weight"].shape == (768,)
 
 
+def test_sd_v2_text_encoder_keys_and_size():
+    """SD 2.x's text_encoder (diffusers' stable-diffusion-2-1 text_encoder/config.json): a CLIPTextModel
+    of 23 layers, width 1024, GELU; the same keys and shapes as ours with SD_V2_TEXT."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device("meta"):
+        ours = TextEncoder(SD_V2_TEXT).state_dict()
+        theirs = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=512)).state_dict()
+    theirs = to_ours(theirs)
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+    assert len(ours) == 4 + 23 * 16
+    assert ours["text_model.encoder.layers.22.mlp.fc1.weight"].shape == (4096, 1024)
+    assert "text_model.encoder.layers.23.mlp.fc1.weight" not in ours  # the penultimate layer is the last we run
+
+
 def hf_text_model(cfg: TextConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     model = CLIPTextModel(CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        max_position_embeddings=cfg.max_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        max_position_embeddings=cfg.max_length, hidden_act=cfg.hidden_act, layer_norm_eps=1e-5,
         bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1)).eval()
     with torch.no_grad():  # HF starts LayerNorms at (1, 0) and biases at 0: make them count too
         for p in model.parameters():
@@ -234,6 +290,19 @@ def test_text_encoder_matches_transformers_small(tmp_path):
                         torch.randint(0, cfg.vocab_size, (2, 77))])
     ours = compare(cfg, load_file(tmp_path / "model.safetensors"), hf, tokens)
     assert not list(ours.buffers())  # no position_ids buffer to trip strict loading
+
+
+def test_gelu_text_encoder_matches_transformers():
+    """SD 2.x's activation (exact GELU) on a small config; quick_gelu on the same weights differs."""
+    cfg = TextConfig(width=64, layers=3, heads=4, hidden_act="gelu")
+    hf = hf_text_model(cfg)
+    tokens = torch.cat([Tokenizer.from_openai_gz(pad="!")(["a photo of a cat", ""]),
+                        torch.randint(0, cfg.vocab_size, (2, 77), generator=torch.Generator().manual_seed(2))])
+    ours = compare(cfg, hf.state_dict(), hf, tokens)
+    quick = TextEncoder(TextConfig(width=64, layers=3, heads=4))
+    quick.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (quick(tokens) - ours(tokens)).abs().max() > 1e-2
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
-"""sample.py: schedule golden values, the DDIM grid, and sampler parity with diffusers' schedulers."""
+"""sample.py: schedule golden values, the DDIM grid, and sampler parity with diffusers' schedulers, for
+models that predict the noise (SD v1) and models that predict v (SD 2.x 768-v)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,6 +44,26 @@ def test_add_noise_matches_diffusers():
     torch.testing.assert_close(sample.add_noise(x0, noise, t), s.add_noise(x0, noise, t), atol=1e-6, rtol=1e-6)
 
 
+def test_v_target_matches_diffusers():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0 (DDPMScheduler.get_velocity), and turning v back into eps at
+    x_t gives the noise that made x_t."""
+    from diffusers import DDPMScheduler
+    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 500, 999])
+    v = sample.v_target(x0, noise, t)
+    torch.testing.assert_close(v, s.get_velocity(x0, noise, t), atol=1e-6, rtol=1e-6)
+    x_t = sample.add_noise(x0, noise, t)
+    torch.testing.assert_close(sample.eps_from_output(v, x_t, t, "v_prediction"), noise, atol=1e-5, rtol=0)
+    assert sample.eps_from_output(v, x_t, t, "epsilon") is v
+    for i, ti in enumerate(t.tolist()):  # an int timestep, as the samplers pass it
+        torch.testing.assert_close(sample.eps_from_output(v[i:i + 1], x_t[i:i + 1], ti, "v_prediction"),
+                                   noise[i:i + 1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown prediction_type 'sample'"):
+        sample.eps_from_output(v, x_t, t, "sample")
+
+
 def tiny_diffusers_unet():
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
@@ -59,7 +82,7 @@ def _eps_fn(unet, ctx, uctx, guidance):
 
 
 def _guided_start(seed, guidance):
-    """A tiny diffusers UNet under guidance (eps(x, t)) and a starting latent."""
+    """A tiny diffusers UNet under guidance (its output at (x, t): eps or v) and a starting latent."""
     unet = tiny_diffusers_unet()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 8, 8, generator=g)
@@ -67,26 +90,39 @@ def _guided_start(seed, guidance):
     return _eps_fn(unet, ctx, uctx, guidance), x
 
 
-def _same_trajectory(ours_fn, sch, eps, x, **step_kw):
-    """Our sampler (ours_fn(eps, x, callback)) and a diffusers scheduler agree after every step. -> ours"""
+def _as_eps(out_fn, prediction_type):
+    """What our samplers take: the model's output turned into eps (sample.guided_eps does it so)."""
+    return lambda x, t: sample.eps_from_output(out_fn(x, t), x, t, prediction_type)
+
+
+def _same_trajectory(ours_fn, sch, out_fn, x, **step_kw):
+    """Our sampler (ours_fn(eps_fn, x, callback)) and a diffusers scheduler agree after every step. The
+    scheduler is given the model's own output and its config's prediction_type. -> ours"""
     ours, ref, xr = [], [], x.clone()
-    ours_fn(eps, x.clone(), callback=lambda i, t, xi: ours.append(xi.clone()))
+    ours_fn(_as_eps(out_fn, sch.config.prediction_type), x.clone(), callback=lambda i, t, xi: ours.append(xi.clone()))
     for t in sch.timesteps:
-        xr = sch.step(eps(xr, t), t, xr, **step_kw).prev_sample
+        xr = sch.step(out_fn(xr, t), t, xr, **step_kw).prev_sample
         ref.append(xr.clone())
     assert len(ours) == len(ref) == len(sch.timesteps)
-    for a, b in zip(ours, ref):
-        assert (a - b).abs().max().item() < 1e-4
+    diffs = [(a - b).abs().max().item() for a, b in zip(ours, ref)]
+    print(f"{type(sch).__name__} {sch.config.prediction_type}: max abs diff {max(diffs):.2e}, "
+          f"final scale {ref[-1].abs().max().item():.2f}")
+    assert max(diffs) < 1e-4
     return ours
 
 
+PREDICTIONS = ["epsilon", "v_prediction"]
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_matches_diffusers_every_step(eta):
+def test_ddim_matches_diffusers_every_step(eta, prediction_type):
     """Same UNet, latents, contexts: our DDIM trajectory equals DDIMScheduler configured as CompVis."""
     from diffusers import DDIMScheduler
     eps, x = _guided_start(1, 7.5)
     sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+                        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                        prediction_type=prediction_type)
     sch.set_timesteps(10)
     assert sch.timesteps.tolist() == sample.timestep_grid(10)[::-1]
     ours = lambda e, x, callback: sample.ddim_sample(e, x, steps=10, eta=eta, callback=callback,
@@ -94,11 +130,13 @@ def test_ddim_matches_diffusers_every_step(eta):
     _same_trajectory(ours, sch, eps, x, eta=eta, generator=torch.Generator().manual_seed(5))
 
 
-def test_ddpm_matches_diffusers_every_step():
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddpm_matches_diffusers_every_step(prediction_type):
     from diffusers import DDPMScheduler
     eps, x = _guided_start(2, 3.0)
     sch = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        steps_offset=1, timestep_spacing="leading", variance_type="fixed_small")
+                        steps_offset=1, timestep_spacing="leading", variance_type="fixed_small",
+                        prediction_type=prediction_type)
     sch.set_timesteps(20)
     assert sch.timesteps.tolist() == sample.timestep_grid(20)[::-1]
     ours = lambda e, x, callback: sample.ddpm_sample(e, x, steps=20, callback=callback,
@@ -106,22 +144,24 @@ def test_ddpm_matches_diffusers_every_step():
     _same_trajectory(ours, sch, eps, x, generator=torch.Generator().manual_seed(9))
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("steps", [4, 20])
-def test_dpmpp_2m_matches_diffusers_every_step(steps):
+def test_dpmpp_2m_matches_diffusers_every_step(steps, prediction_type):
     """DPM-Solver++(2M) on the CompVis grid equals DPMSolverMultistepScheduler (data prediction,
     second order, last step to sigma = 0), step by step."""
     from diffusers import DPMSolverMultistepScheduler
     eps, x = _guided_start(3, 3.0)
     sch = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                       steps_offset=1, timestep_spacing="leading", algorithm_type="dpmsolver++",
-                                      solver_order=2, final_sigmas_type="zero")
+                                      solver_order=2, final_sigmas_type="zero", prediction_type=prediction_type)
     sch.set_timesteps(timesteps=sample.timestep_grid(steps)[::-1])  # its own "leading" grid differs by a step
     assert sch.timesteps.tolist() == sample.timestep_grid(steps)[::-1]
     ours = _same_trajectory(lambda e, x, callback: sample.dpmpp_2m_sample(e, x, steps=steps, callback=callback),
                             sch, eps, x)
     # and it is not DDIM: after the first (first-order, DDIM-equal) step the two part
     ddim = []
-    sample.ddim_sample(eps, x.clone(), steps=steps, callback=lambda i, t, xi: ddim.append(xi.clone()))
+    sample.ddim_sample(_as_eps(eps, prediction_type), x.clone(), steps=steps,
+                       callback=lambda i, t, xi: ddim.append(xi.clone()))
     assert (ddim[-1] - ours[-1]).abs().max().item() > 1e-3
 
 
@@ -185,6 +225,31 @@ def test_generate_matches_stable_diffusion_pipeline(tiny_sd):
     ref1 = pipe(prompt=prompts, height=16, width=16, num_inference_steps=4, guidance_scale=1.0,
                 latents=latents.clone(), output_type="np").images
     assert (ours1 - torch.from_numpy(ref1).permute(0, 3, 1, 2)).abs().max() < 1e-3
+
+
+def test_generate_v_prediction_matches_stable_diffusion_pipeline(tiny_sd):
+    """The same tiny model read as a v-prediction model (SD 2.x 768-v), against the pipeline with a
+    v_prediction DDIMScheduler: generate() turns the guided v into eps where the UNet is called."""
+    from diffusers import DDIMScheduler
+    pipe, model = tiny_sd
+    cfg, scheduler = model.unet.cfg, pipe.scheduler
+    model.unet.cfg = dataclasses.replace(cfg, prediction_type="v_prediction")
+    pipe.scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    try:
+        prompts = ["a photo of a cat", "An astronaut riding a horse!"]
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+        ours = sample.generate(model, prompts, latents=latents, steps=8, guidance=7.5)
+        ref = pipe(prompt=prompts, height=16, width=16, num_inference_steps=8, guidance_scale=7.5,
+                   latents=latents.clone(), output_type="np").images
+        model.unet.cfg = cfg
+        as_eps = sample.generate(model, prompts, latents=latents, steps=8, guidance=7.5)
+    finally:
+        model.unet.cfg, pipe.scheduler = cfg, scheduler
+    ref = torch.from_numpy(ref).permute(0, 3, 1, 2)
+    diff = (ours - ref).abs().max().item()
+    print(f"v-prediction images: max abs diff {diff:.2e}, std {ref.std().item():.3f}")
+    assert diff < 1e-3 and ref.std() > 0.05
+    assert (as_eps - ours).abs().max() > 0.05  # the prediction type changes the images
 
 
 def test_per_image_seeds(tiny_sd):
@@ -265,7 +330,7 @@ def test_cli_errors_are_one_line(tiny_sd, tmp_path):
         return r.stderr.strip().splitlines()
 
     assert run("a cat", "--weights", str(tmp_path / "missing.safetensors")) == [
-        f"error: {tmp_path / 'missing.safetensors'}: no such file or folder; expected a SD v1 checkpoint"]
+        f"error: {tmp_path / 'missing.safetensors'}: no such file or folder; expected a Stable Diffusion checkpoint"]
     lines = run("a cat", "--weights", str(weights), "--steps", "0", "--size", "16")
     assert lines == ["error: steps must be between 1 and 1000, got 0"]
     lines = run("a cat", "--weights", str(weights), "--sampler", "euler")  # argparse: usage, then the error

@@ -1,5 +1,6 @@
-"""Tests for unet.py: parity with diffusers' UNet2DConditionModel on identical random weights,
-the full-size SD v1 key manifest, the attn2 record hook, and bf16 compute."""
+"""Tests for unet.py: parity with diffusers' UNet2DConditionModel on identical random weights (SD v1
+and SD 2.x settings), the full-size SD v1 and SD 2.x key manifests, the attn2 record hook, bf16 compute,
+and fp32 attention (upcast_attention)."""
 
 import gc
 
@@ -10,7 +11,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from tests.common import TINY_UNET as TINY
 from tests.common import unet_from_diffusers as ours_from_diffusers
-from unet import UNet, UNetConfig, diffusers_key_map, timestep_embedding
+from unet import SD_V2, CrossAttention, UNet, UNetConfig, diffusers_key_map, timestep_embedding
 
 # SD v1's shape (4 levels, 2 res blocks, attention at the first 3), small widths
 SMALL_SD = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
@@ -18,6 +19,11 @@ SMALL_SD = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_bloc
 # attention only in the middle level, 3 levels: exercises the upsampler index rule (.1.conv vs .2.conv)
 ODD = UNetConfig(in_channels=3, out_channels=5, model_channels=16, channel_mult=(1, 2, 3), num_res_blocks=1,
                  attention_levels=(1,), num_heads=2, context_dim=8, norm_groups=4)
+# SD 2.x's settings on the same small shape: heads of 8 channels (4/8/16/16 heads), Linear proj_in/proj_out,
+# the 1024-wide OpenCLIP context, fp32 attention
+SMALL_V2 = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                      num_head_channels=8, context_dim=1024, norm_groups=8, use_linear_projection=True,
+                      upcast_attention=True)
 SD = UNetConfig()
 
 
@@ -29,9 +35,12 @@ def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks, down_block_types=tuple(cross), up_block_types=tuple(up),
-        attention_head_dim=cfg.num_heads,  # v1 semantics: the number of heads
+        # the number of heads (a historical misnomer), one per level when heads have a fixed size (2.x: [5, 10, 20, 20])
+        attention_head_dim=[cfg.heads(cfg.model_channels * m) for m in cfg.channel_mult] if cfg.num_head_channels
+        else cfg.num_heads,
         cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups, norm_eps=1e-5,
-        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, use_linear_projection=False, act_fn="silu")
+        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention, act_fn="silu")
 
 
 def randomize_(model, seed):
@@ -67,7 +76,8 @@ def test_timestep_embedding_matches_diffusers():
     assert timestep_embedding(torch.tensor([0]), 8).tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("cfg,size", [(TINY, 16), (SMALL_SD, 16), (ODD, 12)], ids=["tiny", "small_sd", "odd"])
+@pytest.mark.parametrize("cfg,size", [(TINY, 16), (SMALL_SD, 16), (ODD, 12), (SMALL_V2, 16)],
+                         ids=["tiny", "small_sd", "odd", "small_v2"])
 def test_parity_with_diffusers(cfg, size):
     torch.manual_seed(0)
     ref = diffusers_unet(cfg).eval()
@@ -80,6 +90,7 @@ def test_parity_with_diffusers(cfg, size):
         got_scalar_t = ours(x[:1], int(t[0]), context[:1])
         got_0d_t = ours(x[:1], t[0], context[:1])
     scale = expected.abs().max().item()
+    print(f"max abs diff {(got - expected).abs().max().item():.2e}, output scale {scale:.2f}")
     assert expected.std() > 0.1                             # the weights make a non-trivial output
     assert (got - expected).abs().max().item() < 1e-4 * max(1.0, scale)
     torch.testing.assert_close(got_scalar_t, got[:1], atol=1e-5, rtol=0)
@@ -106,6 +117,57 @@ def test_full_size_manifest():
     assert key_map["input_blocks.9.0.op.weight"] == "down_blocks.2.downsamplers.0.conv.weight"
     assert key_map["input_blocks.7.0.skip_connection.weight"] == "down_blocks.2.resnets.0.conv_shortcut.weight"
     assert key_map["middle_block.1.proj_in.weight"] == "mid_block.attentions.0.proj_in.weight"
+
+
+def test_full_size_sd_v2_manifest():
+    """SD 2.x (diffusers' stable-diffusion-2-1 unet/config.json): the same 686 names as v1, a shape-preserving
+    bijection onto diffusers' keys, and the shapes weight_formats.md §4 lists."""
+    with torch.device("meta"):
+        ours = UNet(SD_V2).state_dict()
+        theirs = UNet2DConditionModel(  # the SD 2.1 config, as stored on the Hub
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+            use_linear_projection=True, upcast_attention=True, sample_size=96).state_dict()
+    assert len(ours) == 686
+    assert sum(p.numel() for p in ours.values()) == sum(p.numel() for p in theirs.values())
+    key_map = diffusers_key_map(SD_V2)
+    assert sorted(key_map.values()) == sorted(theirs)
+    for k, v in key_map.items():
+        assert ours[k].shape == theirs[v].shape, k
+    assert ours["input_blocks.1.1.proj_in.weight"].shape == (320, 320)          # Linear, not a 1x1 conv
+    assert ours["output_blocks.11.1.proj_out.weight"].shape == (320, 320)
+    assert ours["input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)
+    with torch.device("meta"):
+        heads = [m.heads for _, m in UNet(SD_V2).cross_attentions()]
+    assert heads == [5, 5, 10, 10, 20, 20] + [20] + [20, 20, 20, 10, 10, 10, 5, 5, 5]  # input, middle, output
+
+
+def test_upcast_attention_computes_in_fp32():
+    """In fp16, q k^T of large activations overflows (inf, then NaN after softmax); with upcast the same
+    fp16 layer gives the fp32 result, in both the fused and the spelled-out path."""
+    torch.manual_seed(0)
+    ref = CrossAttention(32, heads=2)
+    with torch.no_grad():
+        ref.to_q.weight.mul_(100)
+        ref.to_k.weight.mul_(100)
+        ref.half().float()                                  # weights exactly representable in fp16
+    x = (3 * torch.randn(1, 6, 32)).half().float()
+    with torch.no_grad():
+        expected = ref(x)
+        for fused in (True, False):
+            for upcast in (False, True):
+                m = CrossAttention(32, heads=2, upcast=upcast).half()
+                m.load_state_dict(ref.state_dict())
+                m.fused = fused
+                got = m(x.half())
+                assert got.dtype == torch.float16
+                if upcast:
+                    torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.02)
+                    assert torch.isfinite(m.attention_maps(x.half())).all()
+                elif not fused:  # the spelled-out fp16 q k^T overflows
+                    assert not torch.isfinite(got).all()
+    half = CrossAttention(32, heads=2).half()
+    half.load_state_dict(ref.state_dict())
+    assert not torch.isfinite(half.attention_maps(x.half())).all()
 
 
 def record_attn2(model):
@@ -175,8 +237,8 @@ def test_record_keeps_gradients():
     assert attn2.to_v.weight.grad is not None and attn2.to_v.weight.grad.abs().sum() > 0
 
 
-def test_bf16_close_to_fp32():
-    cfg = SMALL_SD
+@pytest.mark.parametrize("cfg", [SMALL_SD, SMALL_V2], ids=["small_sd", "small_v2"])
+def test_bf16_close_to_fp32(cfg):
     model = random_unet(cfg)
     x, t, context = inputs(cfg, 16)
     with torch.no_grad():
