@@ -12,7 +12,8 @@ model, and the outer loop unlearns that input too. Here the inner loop is the pr
     L = L_U + lambda_pr L_pr + lambda_reg R_pr + lambda_adv L_adv (+ completion L_comp)   (RobustDuge.loss)
 
 so under the attacker's best context theta must denoise as the original does under the anchor
-prompt. The context starts where the probe's does (the empty prompt's), takes WARMUP Adam steps
+prompt (a v-prediction model's attack targets v, not eps; L_adv and L_comp compare outputs, v with v).
+The context starts where the probe's does (the empty prompt's), takes WARMUP Adam steps
 before the first training step, then K more on the current theta before every training step
 (warm-started, as AdvUnlearn does). Only the concept of the request is attacked; the earlier ones
 are kept by L_U's replay as before. A wider trainable set (`--trainable attn2`, or `unet` with
@@ -59,8 +60,8 @@ class ContextAdversary:
         opt = torch.optim.Adam([ctx], lr=LR)
         g = torch.Generator().manual_seed(self.seed * 100_003 + step + 50_000)  # the step alone: exact resume
         for _ in range(WARMUP if self.fresh else self.steps):
-            _, xt, noise, t = noised_rows(self.x, self.batch, g)
-            loss = F.mse_loss(unet(xt, t, ctx.expand(self.batch, -1, -1)), noise)
+            _, xt, target, t = noised_rows(self.x, self.batch, g, unet.cfg.prediction_type)   # eps (or v)
+            loss = F.mse_loss(unet(xt, t, ctx.expand(self.batch, -1, -1)), target)
             ctx.grad, = torch.autograd.grad(loss, [ctx])
             opt.step()
         self.ctx, self.fresh = ctx.detach(), False

@@ -9,6 +9,9 @@ point and outputs serve all methods (train.py --method). Its "unlearn" group hol
 
     x, x_t, eps, t     images for the concept's group: the concept itself for ESD (drawn by ref
                        from the concept's prompts), the anchor's for CA and finetune, noised
+    target             what the UNet is trained to output at x_t: eps, or v for a v-prediction
+                       model (SD 2.x 768-v), so "- eps" below reads "- target" for those. The
+                       terms that compare with ref's outputs need no change: both are v there.
     c_target           the prompts naming the concept (c*); c_anchor their anchors (c^a), for ESD
                        the empty prompt
 
@@ -61,7 +64,7 @@ class Finetune:
 
     def loss(self, unet, ref, batch):
         b = batch["unlearn"]
-        loss = F.mse_loss(unet(b["x_t"], b["t"], b["c_target"]), b["eps"])
+        loss = F.mse_loss(unet(b["x_t"], b["t"], b["c_target"]), b["target"])
         return loss, {"L_ft": loss.item()}
 
 
@@ -76,7 +79,9 @@ class Esd:
     gogh"), or with esd_prompt="captions" its whole captions (which also teaches anti-blue and
     anti-circle when the caption names them). x_0: the concept's images, drawn by ref from its
     captions (ESD samples x_t from its own model under the name: here they are drawn once, as
-    every method's). Trains every attn2 tensor."""
+    every method's). Trains every attn2 tensor. For a v-prediction model the same combination of ref's
+    v outputs is the target: it is the v of the eps above (eps is affine in v at a given x_t and t,
+    and the weights 1 + eta, -eta sum to 1)."""
     name, reference, replays, trainable = "esd", "phin", False, "attn2"
 
     def __init__(self, cfg: BaselineConfig):
@@ -112,7 +117,7 @@ class Ca:
         target = ref(x_t, t, b["c_anchor"])
         eps_target, eps_anchor = unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                       torch.cat([b["c_target"], b["c_anchor"]])).chunk(2)
-        ablate, prior = F.mse_loss(eps_target, target), F.mse_loss(eps_anchor, b["eps"])
+        ablate, prior = F.mse_loss(eps_target, target), F.mse_loss(eps_anchor, b["target"])
         return ablate + prior, {"L_ca": ablate.item(), "L_anchor": prior.item()}
 
 

@@ -17,8 +17,12 @@
 
 Loading is strict: every tensor of the file is used, or is one of the extras official files carry
 (SCHEDULE_BUFFERS, model_ema.*, position_ids, below); anything missing, unexpected or misshaped is
-a CheckpointError whose one-line message names it. Nothing here executes a pickle: .safetensors
-is read directly and .ckpt / .bin go through safe_pickle (a restricted unpickler).
+a CheckpointError whose one-line message names it. The extras a model file needs and training
+cannot make stale (the schedule buffers, an SD 2.x file's unused OpenCLIP tensors) are kept in
+StableDiffusion.extras and written back, so a single file we write has every tensor the original
+code loads; the EMA bookkeeping and position_ids are not (an EMA copy would be read instead of the
+trained UNet). Nothing here executes a pickle: .safetensors is read directly and .ckpt / .bin go
+through safe_pickle (a restricted unpickler).
 
 SDXL, SD 3 and inpainting checkpoints are refused with one line.
 
@@ -40,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import safe_pickle
-from clip_text import EOT, TextConfig, TextEncoder, Tokenizer, from_open_clip, to_open_clip
+from clip_text import EOT, TextConfig, TextEncoder, Tokenizer, from_open_clip, open_clip_unused, to_open_clip
 from unet import UNet, UNetConfig
 from unet import diffusers_key_map as unet_diffusers_key_map
 from vae import VAE, VAEConfig
@@ -54,8 +58,8 @@ UNET, VAE_, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_m
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x's text encoder (OpenCLIP ViT-H/14)
 
 # Tensors an official file may hold that we do not use: the DDPM schedule (recomputed in
-# sample.py), EMA bookkeeping and the EMA copy itself (used instead of the UNet when present, see
-# _use_ema), and the CLIP position_ids buffer (always arange(77)).
+# sample.py; kept and written back, StableDiffusion.extras), EMA bookkeeping and the EMA copy itself
+# (used instead of the UNet when present, see _use_ema), and the CLIP position_ids buffer (always arange(77)).
 SCHEDULE_BUFFERS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -168,6 +172,8 @@ class StableDiffusion:
     guidance: float = 7.5                      # default classifier-free guidance scale
     source: str = ""                           # the path it was loaded from
     format: str = "compvis"                    # "compvis" or "diffusers": how it was stored
+    extras: dict = field(default_factory=dict)  # a CompVis file's tensors no module holds, by their key in
+    # the file, written back as read (schedule buffers; SD 2.x: resblock 23, text_projection, logit_scale)
 
     def to(self, device=None, dtype=None):
         for m in (self.text_encoder, self.unet, self.vae):
@@ -268,15 +274,18 @@ def _use_ema(sd, path):
 
 def split_compvis(sd, path, text_layers=None):
     """Flat CompVis dict -> (unet, vae, text) dicts without prefixes, the text in our names whichever
-    tower it is (an OpenCLIP one cut to text_layers, None: SD 2.x's penultimate). Strict about the rest."""
+    tower it is (an OpenCLIP one cut to text_layers, None: SD 2.x's penultimate), and the extras to write
+    back (StableDiffusion.extras): the schedule buffers and the OpenCLIP tensors cut. Strict about the rest."""
     text = OPEN_CLIP if any(k.startswith(OPEN_CLIP) for k in sd) else TEXT
     parts = {UNET: {}, VAE_: {}, text: {}}
-    unexpected = []
+    unexpected, extras = [], {}
     for k, v in sd.items():
         prefix = next((p for p in parts if k.startswith(p)), None)
         if prefix is not None:
             parts[prefix][k[len(prefix):]] = v
-        elif k not in SCHEDULE_BUFFERS and not k.startswith("model_ema."):
+        elif k in SCHEDULE_BUFFERS:
+            extras[k] = v
+        elif not k.startswith("model_ema."):
             unexpected.append(k)
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor(s) {_some(unexpected)}; not a plain SD v1 / 2.x checkpoint")
@@ -284,8 +293,10 @@ def split_compvis(sd, path, text_layers=None):
         if not parts[p]:
             raise CheckpointError(f"{path}: the {name} is missing (no '{p}*' tensors); "
                                   "a UNet-only file cannot be sampled from")
+    if text == OPEN_CLIP:
+        extras |= {OPEN_CLIP + k: parts[text][k] for k in open_clip_unused(parts[text], text_layers)}
     text_sd = from_open_clip(parts[text], text_layers) if text == OPEN_CLIP else text_model_keys(parts[text])
-    return parts[UNET], parts[VAE_], text_sd
+    return parts[UNET], parts[VAE_], text_sd, {k: v.clone() for k, v in extras.items()}   # not the file's memory
 
 
 def text_model_keys(sd):
@@ -408,25 +419,26 @@ def load(path, device="cpu", dtype=torch.float32, variant=None, verbose=False, p
     dtype is the compute dtype: fp16 / bf16 files are upcast (or fp32 files downcast) on load;
     None keeps the dtype stored in the file. `variant="fp16"` picks the *.fp16.* files of a
     diffusers folder. verbose prints which file(s) were read. prediction_type ("epsilon" or
-    "v_prediction") overrides what the file says or what is guessed (SD 2.x CompVis files say nothing).
+    "v_prediction") overrides what the file says or what is guessed: SD 2.x CompVis files say nothing, and
+    are read as 768-v models, or as 512-base ones with prediction_type="epsilon". None or "auto": no override.
     """
-    path = Path(path)
+    path, prediction_type = Path(path), None if prediction_type == "auto" else prediction_type
     if path.is_dir():
         model = load_diffusers(path, device=device, dtype=dtype, variant=variant, verbose=verbose)
     else:
-        model = load_compvis(path, device=device, dtype=dtype, verbose=verbose)
+        model = load_compvis(path, device=device, dtype=dtype, verbose=verbose, prediction_type=prediction_type)
     if prediction_type is not None:
         model.unet.cfg = replace(model.unet.cfg, prediction_type=prediction_type)
     return model
 
 
-def load_compvis(path, device="cpu", dtype=torch.float32, verbose=False):
+def load_compvis(path, device="cpu", dtype=torch.float32, verbose=False, prediction_type=None):
     sd, meta = read_any(path)
     version = check_supported(sd, path)
     sd, ema = _use_ema(sd, path)
     open_clip = any(k.startswith(OPEN_CLIP) for k in sd)
     stored = json.loads(meta["duge.config"]) if "duge.config" in meta else {}
-    unet_sd, vae_sd, text_sd = split_compvis(sd, path, stored.get("text", {}).get("layers"))
+    unet_sd, vae_sd, text_sd, extras = split_compvis(sd, path, stored.get("text", {}).get("layers"))
     cfgs = {}
     for name, cls, infer, part, what in (("unet", UNetConfig, lambda d: infer_unet_config(d, version), unet_sd, "UNet"),
                                          ("vae", VAEConfig, infer_vae_config, vae_sd, "VAE"),
@@ -440,9 +452,14 @@ def load_compvis(path, device="cpu", dtype=torch.float32, verbose=False):
     _check_tokenizer(tok, cfgs["text"], path)
     if verbose:
         print(f"read {path} (CompVis single file{', UNet from its EMA copy' if ema else ''})", file=sys.stderr)
-    native = 768 if version == "v2" else 512  # SD 2.x guessed as a 768-v model, as its prediction type
+    # SD 2.x guessed as a 768-v model, as its prediction type; told epsilon, a 512-base one
+    native = 768 if version == "v2" and prediction_type in (None, "v_prediction") else 512
+    if version == "v2" and prediction_type is None and "unet" not in stored:
+        print(f"note: {path.name} does not say what its UNet predicts: read as SD 2.x 768-v (v-prediction, 768 px); "
+              "a 512-base file (v2-1_512-ema-pruned) predicts eps: pass --prediction-type epsilon "
+              "(load(..., prediction_type='epsilon'))", file=sys.stderr)
     return StableDiffusion(tok, text, unet, vae, meta=meta, image_size=stored.get("image_size", native),
-                           guidance=stored.get("guidance", 7.5), source=str(path), format="compvis")
+                           guidance=stored.get("guidance", 7.5), source=str(path), format="compvis", extras=extras)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -627,13 +644,15 @@ def metadata(model, extra=None):
 
 
 def compvis_state_dict(model):
+    """The model as one flat CompVis dict, with the extras of the file it came from (a diffusers folder has
+    no place for them: its scheduler config replaces the schedule buffers)."""
     sd = {}
     text = model.text_encoder.state_dict()
     text = {OPEN_CLIP + k: v for k, v in to_open_clip(text).items()} if model.open_clip else \
         {TEXT + k: v for k, v in text.items()}
     for prefix, m in ((UNET, model.unet), (VAE_, model.vae)):
         sd.update({prefix + k: v for k, v in m.state_dict().items()})
-    return {k: v.detach().contiguous() for k, v in {**sd, **text}.items()}
+    return {k: v.detach().contiguous() for k, v in {**model.extras, **sd, **text}.items()}
 
 
 def output_format(path, format=None):

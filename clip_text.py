@@ -368,15 +368,23 @@ OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj"
 OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
 
 
+def open_clip_unused(sd: dict, layers: int | None = None) -> list:
+    """The keys of an OpenCLIP text tower that SD's context does not use: text_projection, logit_scale and
+    the resblocks from `layers` on (None: the last one, SD 2.x's penultimate cut of an official file)."""
+    if layers is None:
+        layers = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=0)
+    return [k for k in sd if k in OPEN_CLIP_UNUSED or k.startswith("transformer.resblocks.")
+            and int(k.split(".")[2]) >= layers]
+
+
 def from_open_clip(sd: dict, layers: int | None = None) -> dict:
     """OpenCLIP text-tower state dict -> ours, with its first `layers` resblocks (None: all but the last,
     SD 2.x's penultimate cut of an official file). in_proj_weight [3C, C] is q, k and v stacked, in that
     order. Unknown keys pass through unrenamed, for the strict loader to name."""
-    if layers is None:
-        layers = max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks.")), default=0)
+    unused = set(open_clip_unused(sd, layers))
     out = {}
     for k, v in sd.items():
-        if k in OPEN_CLIP_UNUSED or k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= layers:
+        if k in unused:
             continue
         if k in OPEN_CLIP_NAMES:
             out["text_model." + OPEN_CLIP_NAMES[k]] = v
@@ -395,9 +403,8 @@ def from_open_clip(sd: dict, layers: int | None = None) -> dict:
 
 
 def to_open_clip(sd: dict) -> dict:
-    """Inverse of from_open_clip, for the layers we have: no 24th resblock, text_projection or logit_scale.
-    diffusers reads such a file, and from_open_clip given the number of layers (checkpoint.py stores it);
-    the original SD 2 code, loading strictly, would not."""
+    """Inverse of from_open_clip, for the layers we have: no 24th resblock, text_projection or logit_scale
+    (checkpoint.py writes back those of the file it read, and stores the number of layers)."""
     names = {v: k for k, v in OPEN_CLIP_NAMES.items()}
     layer_names = {v: k for k, v in OPEN_CLIP_LAYER.items()}
     out = {}

@@ -136,7 +136,7 @@ def layer_mean_mse(xs, ys):
     return torch.stack([F.mse_loss(x, y) for x, y in zip(xs, ys)]).mean()
 
 
-def prior_preservation_loss(eps_theta, noise):
+def prior_preservation_loss(eps_theta, target):
     """Abstract: "a prior-preservation loss that safeguards knowledge related to non-target concepts".
 
         L_pr = || eps_theta(x_t, t, c_m) - eps ||^2,      x_0 in X^m, phi_0's images of the memory M
@@ -144,8 +144,10 @@ def prior_preservation_loss(eps_theta, noise):
     The plain diffusion loss (DreamBooth's prior preservation, Ruiz et al. 2023) on a memory bank of
     images of the concepts kept, as the paper is described (prior="memory", the default: it measured
     better over 12 requests than our first choice, prior="related": the related concepts' images
-    and the anchor's, X^r and X^a with c^a; docs/paper_recipe.md)."""
-    return F.mse_loss(eps_theta, noise)
+    and the anchor's, X^r and X^a with c^a; docs/paper_recipe.md). A v-prediction model (SD 2.x 768-v)
+    outputs v, so its target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (trainer.draw_batch's
+    "target"); the other losses compare two outputs of the same kind and need no change."""
+    return F.mse_loss(eps_theta, target)
 
 
 def regularization_loss(eps_theta, eps_phi0):
@@ -236,7 +238,7 @@ class Duge:
 
         l_u = (attention_map_loss(attn_theta, attn_ref) if cfg.attention == "maps" else
                cross_attention_loss(attn_theta, attn_ref, e[0], p[0]))
-        l_pr = prior_preservation_loss(e[1], pr["eps"])
+        l_pr = prior_preservation_loss(e[1], pr["target"])
         trained = {k: v for k, v in unet.named_parameters() if v.requires_grad}
         if cfg.regulariser == "l2":
             r_pr = parameter_loss(trained, ref.tensors)

@@ -271,13 +271,16 @@ def report(model, clip, phi0, gone, n, md_path, csv_path, base_cache, steps=20, 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Score a Stable Diffusion v1 model with CLIP: accuracy of every "
+    ap = argparse.ArgumentParser(description="Score a Stable Diffusion v1 / 2.x model with CLIP: accuracy of every "
                                              "concept, before (--base) and now.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", required=True, help="the model to score")
     ap.add_argument("--clip", required=True, help="the transformers folder of openai/clip-vit-large-patch14")
     ap.add_argument("--base", default=None, help="the model before unlearning (None: --weights itself, so the "
                                                  "table compares it with itself)")
+    ap.add_argument("--prediction-type", default="auto", choices=["auto", *sample.PREDICTION_TYPES],
+                    help="what the UNets predict (auto: what each file says; an official SD 2.x file: v, as the "
+                         "768-v models; 2.x-base needs epsilon)")
     ap.add_argument("--forgotten", default=None, help="comma-separated concepts (None: the model's ledger)")
     ap.add_argument("-n", type=int, default=8, help="images per concept")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -290,10 +293,10 @@ def main(argv=None):
         from clip_vision import load_clip
         device = distributed.init(sample.pick_device(args.device))  # torchrun: this process's device
         clip = load_clip(args.clip, device=device)
-        model = checkpoint.load(args.weights, device=device)
+        model = checkpoint.load(args.weights, device=device, prediction_type=args.prediction_type)
         gone = ([c.strip().lower() for c in args.forgotten.split(",") if c.strip()] if args.forgotten is not None
                 else checkpoint.forgotten(model))
-        base = checkpoint.load(args.base, device=device) if args.base else model
+        base = checkpoint.load(args.base, device=device, prediction_type=args.prediction_type) if args.base else model
         swap = base_swap(model, base)
         r = evaluate(model, clip, gone, args.n, swap, None, args.steps)
         write_report(r, gone, concepts.SDConcepts().kind, Path(args.out + ".md"), Path(args.out + ".csv"))

@@ -119,9 +119,11 @@ def learn(params, loss_fn, steps, lr, desc):
 
 
 def diffusion_loss(model, x0, ctx_fn, step, batch, seed):
-    """|| eps - eps_theta(x_t, t, c) ||^2 on a batch of latents, the contexts from ctx_fn(index)."""
-    idx, xt, noise, t = sample.noised_rows(x0, batch, torch.Generator().manual_seed(seed * 100_003 + step))
-    return F.mse_loss(model.unet(xt, t, ctx_fn(idx)), noise)
+    """|| eps - eps_theta(x_t, t, c) ||^2 on a batch of latents, the contexts from ctx_fn(index); for a
+    v-prediction model, v in place of eps (sample.training_target)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    idx, xt, target, t = sample.noised_rows(x0, batch, g, model.unet.cfg.prediction_type)
+    return F.mse_loss(model.unet(xt, t, ctx_fn(idx)), target)
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--concepts", default=None, help="comma-separated concepts (None: every one in the ledger)")
     ap.add_argument("--probes", default=",".join(PROBES), help=f"any of {', '.join(PROBES)}")
     ap.add_argument("--base", default=None, help="the original model (None: phi_0 from the last delta file)")
+    ap.add_argument("--prediction-type", default="auto", choices=["auto", *sample.PREDICTION_TYPES],
+                    help="what the UNet predicts (auto: what the file says; an official SD 2.x file: v)")
     ap.add_argument("--clip", default=None, help="real SD: the CLIP folder that scores images")
     ap.add_argument("-n", type=int, default=ProbeConfig.n, help="images per probe")
     ap.add_argument("--out", default=None, help="writes OUT.md and OUT.json (None: beside the model)")
@@ -285,7 +289,8 @@ def main(argv=None):
             raise request.UserError(f"unknown probe {', '.join(bad) or '(none)'}: choose from {', '.join(PROBES)}")
         if args.n < 1:
             raise request.UserError(f"-n {args.n}: must be positive")
-        model = checkpoint.load(args.weights, device=sample.pick_device(args.device))
+        model = checkpoint.load(args.weights, device=sample.pick_device(args.device),
+                                prediction_type=args.prediction_type)
         toy = request.is_toy(model)
         if not toy and args.clip is None:
             raise request.UserError("real SD needs --clip FOLDER (the CLIP model that recognises concepts)")

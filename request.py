@@ -51,8 +51,8 @@ def load_phi0(model, base=None, names=()):
     original model's file). A tensor no request trained yet still holds phi_0's value in the model."""
     named = dict(model.unet.named_parameters())
     want = set(trainer.trainable_names(model.unet, "attn2")) | set(names)
-    if base:
-        original = dict(checkpoint.load(base).unet.named_parameters())
+    if base:   # its tensors only; read as the model predicts, which also spares a SD 2.x file's guess
+        original = dict(checkpoint.load(base, prediction_type=model.unet.cfg.prediction_type).unet.named_parameters())
         return trainer.Original(model.unet, {n: original[n].to(named[n]) for n in sorted(want)})
     steps, carried = checkpoint.read_ledger(model)["steps"], {}
     if steps:
@@ -66,12 +66,14 @@ def load_phi0(model, base=None, names=()):
 
 def fingerprint(model, ref):
     """Names the cache folder of a reference's images: a hash of its cross-attention tensors and of one
-    other (conv_in: its own if a request trained it, as --trainable unet does)."""
+    other (conv_in: its own if a request trained it, as --trainable unet does), and of what the UNet predicts."""
     h = hashlib.sha1()
     own = [(k, v) for k, v in sorted(ref.tensors.items()) if ".attn2." in k]
     conv_in = ref.tensors.get("input_blocks.0.0.weight", model.unet.input_blocks[0][0].weight)
     for k, v in own + [("conv_in", conv_in)]:
         h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    if model.unet.cfg.prediction_type != "epsilon":   # the same tensors read as v draw other images
+        h.update(model.unet.cfg.prediction_type.encode())
     return h.hexdigest()[:16]
 
 

@@ -2,9 +2,10 @@
 
     python sample.py "a red circle in the style of van gogh"          # the toy model in weights/
     python sample.py "an astronaut riding a horse" --weights sd-v1-5.safetensors -n 4
+    python sample.py "a castle on a hill" --weights v2-1_512-ema-pruned.safetensors --prediction-type epsilon
 
 This file is the one place the diffusion schedule lives; the training loop (trainer.py), the toy
-world's training and the probes import `add_noise` from here.
+world's training and the probes import `add_noise` (and `training_target`, eps or v) from here.
 
 References
 - DDPM: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (Algorithm 2, ancestral sampling).
@@ -33,7 +34,7 @@ from tqdm import tqdm
 import distributed
 
 # -----------------------------------------------------------------------------------------------
-# The noise schedule. SD v1 trains on T=1000 steps with "scaled linear" betas: linear in sqrt(beta).
+# The noise schedule. SD (v1 and 2.x) trains on T=1000 steps with "scaled linear" betas: linear in sqrt(beta).
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s).
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -80,13 +81,24 @@ def eps_from_output(out, x, t, prediction_type):
     raise ValueError(f"unknown prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
 
 
-def noised_rows(x0, n, generator):
+def training_target(x0, noise, t, prediction_type):
+    """What the UNet is trained to output at x_t = add_noise(x0, noise, t): the noise for an eps model,
+    v for a v-prediction one (SD 2.x's 768-v). Every loss that targets the noise reads this instead."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return v_target(x0, noise, t)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
+
+
+def noised_rows(x0, n, generator, prediction_type):
     """n random rows of x0 noised at random timesteps, drawn in this order: rows, eps, t.
-    -> (idx, x_t, eps, t): what a diffusion loss on a batch of latents needs."""
+    -> (idx, x_t, target, t): what a diffusion loss on a batch of latents needs, the target the noise
+    or v as the model predicts (training_target)."""
     idx = torch.randint(0, len(x0), (n,), generator=generator)
     noise = torch.randn(x0[idx].shape, generator=generator).to(x0)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=generator).to(x0.device)
-    return idx, add_noise(x0[idx], noise, t), noise, t
+    return idx, add_noise(x0[idx], noise, t), training_target(x0[idx], noise, t, prediction_type), t
 
 
 def timestep_grid(steps):
@@ -244,8 +256,8 @@ def generate(model, prompts, *, steps=50, guidance=7.5, seed=0, sampler="ddim", 
     With decode=False, the final latents x_0 instead (what training on latents needs).
 
     Image i starts from noise drawn with seed `seed + i` (or `seeds[i]`), so it does not change with the batch
-    size. height/width default to the model's native resolution (512 for SD v1, 64 for the toy
-    model). `latents` overrides the initial noise. `dtype` casts the models for this call.
+    size. height/width default to the model's native resolution (512 for SD v1 and 2.x-base, 768 for
+    2.x-v, 64 for the toy model). `latents` overrides the initial noise. `dtype` casts the models for this call.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -382,17 +394,20 @@ def pick_device(name=None):
 
 def main(argv=None):
     import checkpoint
-    ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 model "
+    ap = argparse.ArgumentParser(description="Sample images from a Stable Diffusion v1 / 2.x model "
                                              "(the toy model in weights/ by default).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("prompt", nargs="*", help="one or more prompts; each gives one row of the grid")
     ap.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
     ap.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS),
                     help="CompVis .safetensors/.ckpt file or diffusers folder")
+    ap.add_argument("--prediction-type", default="auto", choices=["auto", *PREDICTION_TYPES],
+                    help="what the UNet predicts (auto: what the file says; an official SD 2.x file: v, as the "
+                         "768-v models; 2.x-base needs epsilon)")
     ap.add_argument("-n", type=int, default=4, help="images per prompt")
     ap.add_argument("--steps", type=int, default=50, help="sampler steps")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (None: the model's own, "
-                                                                 "7.5 for SD v1, 3 for the toy model)")
+                                                                 "7.5 for SD, 3 for the toy model)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     ap.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
@@ -420,7 +435,7 @@ def main(argv=None):
         checkpoint.check_writable(args.out)  # before any work
         device = pick_device(args.device)
         dtype = checkpoint.DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
-        model = checkpoint.load(args.weights, device=device, dtype=dtype)
+        model = checkpoint.load(args.weights, device=device, dtype=dtype, prediction_type=args.prediction_type)
         guidance = args.guidance if args.guidance is not None else model.guidance
         rows = []
         for k, p in enumerate(prompts):

@@ -4,6 +4,7 @@
     python train.py --forget "monet" --weights out/forget-van-gogh.safetensors
     python train.py --forget "van gogh" --forget "picasso"              # two requests in a row
     python train.py --forget "van gogh" --weights v1-5-pruned-emaonly.safetensors   # real SD v1
+    python train.py --forget "van gogh" --weights v2-1_512-ema-pruned.safetensors --prediction-type epsilon  # 2.1-base
     python train.py --forget "van gogh" --method esd                     # a baseline (baselines.py)
     torchrun --nproc_per_node 2 train.py --forget "van gogh"             # several GPUs (distributed.py)
 
@@ -57,14 +58,14 @@ FLAG_GROUPS = [
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Forget concepts from a Stable Diffusion v1 model with DUGE "
-                                             "(or a baseline).")
+    ap = argparse.ArgumentParser(description="Forget concepts from Stable Diffusion v1 / 2.x with DUGE (or a baseline).")
     g = ap.add_argument_group("the request")
     g.add_argument("--forget", action="append", required=True, metavar="CONCEPT",
                    help="concept to forget; repeat for several requests in a row")
     g.add_argument("--weights", default=str(checkpoint.TOY_WEIGHTS), help="input model (default: the toy model)")
-    g.add_argument("--method", default="duge", choices=list(METHODS), help="DUGE, or a baseline to compare with "
-                                                                           "(default: duge)")
+    g.add_argument("--prediction-type", default="auto", choices=["auto", *sample.PREDICTION_TYPES], help="what it "
+                   "predicts (default: auto, what the file says; an official SD 2.x file: v; 2.x-base needs epsilon)")
+    g.add_argument("--method", default="duge", choices=list(METHODS), help="DUGE, or a baseline (default: duge)")
     g.add_argument("--kind", default="auto", choices=["auto", "style", "object", "colour", "other"],
                    help="the concept's kind (default: auto, looked up among the known concepts)")
     g.add_argument("--anchor", default="", help="what the concept becomes (default: '', nothing, so "
@@ -314,10 +315,9 @@ def main(argv=None, started=None):
         device = distributed.init(sample.pick_device(args.device))  # torchrun: this process's device
         if not distributed.is_main():
             sys.stderr = open(os.devnull, "w")  # rank 0 prints; an error here still shows (below)
-        model = checkpoint.load(args.weights, device=device, dtype=None)  # the file's own dtype...
-        args.save_dtype = (checkpoint.DTYPES[args.save_dtype] if args.save_dtype
-                           else next(model.unet.parameters()).dtype)
-        model.to(dtype=checkpoint.DTYPES[args.dtype])                      # ...and the compute dtype
+        model = checkpoint.load(args.weights, device=device, dtype=None, prediction_type=args.prediction_type)
+        args.save_dtype = checkpoint.DTYPES.get(args.save_dtype) or next(model.unet.parameters()).dtype  # the file's
+        model.to(dtype=checkpoint.DTYPES[args.dtype])  # the compute dtype (loaded in the file's own, above)
         cfg, own = configs(args, request.is_toy(model))
         args.guidance = args.guidance or model.guidance
         from toy.concepts import for_model   # the toy world's concepts, or real SD's (concepts.py)

@@ -4,7 +4,7 @@ trainer knows nothing of the task it trains).
     trainable_names  which tensors train: the cross-attention keys and values by default
     Original         a frozen model as a function: the same UNet run with other values of the
                      trained tensors swapped in (phi_0, or the model a request starts from)
-    draw_batch       a step's batch: rows of every data group, their noise, timesteps and x_t
+    draw_batch       a step's batch: rows of every data group, their noise, timesteps, x_t and target
     gradients        one step's gradients: micro-batches, autocast, torchrun's ranks summed
     unlearn          the steps: AdamW, CUIG's add-ons (gamma, gp), the resume hook
 
@@ -17,7 +17,9 @@ A method is any object with these (the smallest one: baselines.Finetune):
     data(p)      -> {group: {"x": prompts whose images it trains on, "c_...": prompts to encode}},
                  p a request.Prompts; every key of a group is row-aligned with its images
     loss(unet, ref, batch) -> (loss, {name: float}); batch[group] holds a random row of each of
-                 its keys, plus eps, t and x_t = add_noise(x, eps, t); ref(x_t, t, c) -> eps
+                 its keys, plus eps, t, x_t = add_noise(x, eps, t) and target, what the UNet is
+                 trained to output at x_t: eps, or v for a v-prediction model (SD 2.x 768-v);
+                 ref(x_t, t, c) -> the frozen model's output, in the same terms as unet's
 
 and optionally begin_step(unet, ref, step, data) (before each step's batch: the robust variant's
 attacker), state() and load_state(tensors) (what it adds to the resume point).
@@ -31,7 +33,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 import distributed
-from sample import NUM_TRAIN_TIMESTEPS, add_noise
+from sample import NUM_TRAIN_TIMESTEPS, add_noise, training_target
 
 
 def setting(default, help, low=None, above=None, choices=None):
@@ -91,8 +93,9 @@ KEYS_AND_VALUES = ("attn2.to_k.weight", "attn2.to_v.weight")   # the tensors tha
 
 
 def trainable_names(unet, which="kv"):
-    """Names of the trained tensors (SD v1: 16 attn2 x (to_k, to_v) = 19.2 M parameters). Keys and values
-    are where the prompt enters the UNet: editing them changes what a prompt means, not what it can draw."""
+    """Names of the trained tensors (SD v1: 16 attn2 x (to_k, to_v) = 19.2 M parameters; SD 2.x, its
+    context 1024 wide: 25.6 M). Keys and values are where the prompt enters the UNet: editing them
+    changes what a prompt means, not what it can draw."""
     parts = {"kv": ("to_k.weight", "to_v.weight"),
              "attn2": ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")}
     if which == "unet":   # everything: what the UNet can draw, not only what prompts mean (adversarial.py)
@@ -134,9 +137,10 @@ class Original:
             put(self.unet, saved)
 
 
-def draw_batch(data, n, generator):
+def draw_batch(data, n, generator, prediction_type="epsilon"):
     """n random rows of every group (in data's order), then the noise and timestep of every row,
-    drawn for all groups at once: {group: {its keys, eps, t, x_t}}."""
+    drawn for all groups at once: {group: {its keys, eps, t, x_t, target}}, the target the noise eps
+    or v as the UNet predicts (its cfg.prediction_type; sample.training_target)."""
     batch = {}
     for name, group in data.items():
         idx = torch.randint(0, len(group["x"]), (n,), generator=generator)
@@ -145,7 +149,8 @@ def draw_batch(data, n, generator):
     noise = torch.randn((n * len(batch), *x.shape[1:]), generator=generator).to(x).split(n)
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n * len(batch),), generator=generator).to(x.device).split(n)
     for b, e, s in zip(batch.values(), noise, t):
-        b.update(eps=e, t=s, x_t=add_noise(b["x"], e, s))                      # x_t (n, 4, h, w)
+        b.update(eps=e, t=s, x_t=add_noise(b["x"], e, s),                      # x_t (n, 4, h, w)
+                 target=training_target(b["x"], e, s, prediction_type))
     return batch
 
 
@@ -207,7 +212,7 @@ def unlearn(unet, method, ref, data, cfg: TrainConfig, original=None, progress=T
             g.manual_seed(cfg.seed * 100_003 + step)  # each step's draws depend on the step alone: exact resume
             if hasattr(method, "begin_step"):
                 method.begin_step(unet, ref, step, data)
-            batch = draw_batch(data, cfg.batch, g)
+            batch = draw_batch(data, cfg.batch, g, unet.cfg.prediction_type)
             opt.zero_grad(set_to_none=True)
             try:
                 logs = gradients(unet, method, ref, params, batch, cfg, original)

@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 import baselines
 import trainer
+from tests.common import target_by_hand
 from tests.test_duge import make_data, noised, tiny_unet
 
 
-def _setup(trainable="kv"):
-    u = tiny_unet().requires_grad_(False)
+def _setup(trainable="kv", prediction_type="epsilon"):
+    u = tiny_unet(prediction_type=prediction_type).requires_grad_(False)
     named = dict(u.named_parameters())
     names = trainer.trainable_names(u, trainable)
     ref = trainer.Original(u, {n: named[n] for n in names})
@@ -19,11 +20,13 @@ def _setup(trainable="kv"):
             named[n].add_(0.05 * torch.randn_like(named[n]))
     params = {n: named[n].requires_grad_(True) for n in names}
     data = {"unlearn": make_data()["unlearn"]}
-    return u, ref, params, data, noised(data)
+    return u, ref, params, data, noised(data, prediction_type=prediction_type)
 
 
-def test_esd_target_is_negative_guidance_of_the_reference():
-    u, ref, params, _, batch = _setup("attn2")
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_esd_target_is_negative_guidance_of_the_reference(prediction_type):
+    """The same formula for a v model: ref's outputs are v, and their guided combination is the v target."""
+    u, ref, params, _, batch = _setup("attn2", prediction_type)
     loss, _ = baselines.Esd(baselines.BaselineConfig(esd_eta=1.5)).loss(u, ref, batch)
     b = batch["unlearn"]
     e_u, e_c = ref(b["x_t"], b["t"], b["c_anchor"]), ref(b["x_t"], b["t"], b["c_target"])
@@ -34,25 +37,38 @@ def test_esd_target_is_negative_guidance_of_the_reference():
     assert all(p.grad is not None for p in params.values())
 
 
-def test_ca_target_is_the_reference_on_the_anchor_prompt_plus_anchor_prior():
-    u, ref, params, _, batch = _setup()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ca_target_is_the_reference_on_the_anchor_prompt_plus_anchor_prior(prediction_type):
+    """The ablation term compares with ref's output (v for a v model, unchanged); the anchor prior's target
+    is the noise for an eps model and v = sqrt(abar) eps - sqrt(1 - abar) x_0 for a v one."""
+    u, ref, params, _, batch = _setup(prediction_type=prediction_type)
     loss, logs = baselines.Ca().loss(u, ref, batch)
     b = batch["unlearn"]
     ablate = F.mse_loss(u(b["x_t"], b["t"], b["c_target"]), ref(b["x_t"], b["t"], b["c_anchor"]))
-    prior = F.mse_loss(u(b["x_t"], b["t"], b["c_anchor"]), b["eps"])
+    out = u(b["x_t"], b["t"], b["c_anchor"])
+    prior = F.mse_loss(out, target_by_hand(b["x"], b["eps"], b["t"], prediction_type))
     assert logs["L_ca"] == pytest.approx(ablate.item(), rel=1e-5)
+    assert logs["L_anchor"] == pytest.approx(prior.item(), rel=1e-5)
     assert loss.item() == pytest.approx(ablate.item() + prior.item(), rel=1e-5)
+    if prediction_type == "v_prediction":   # against eps it would be another number
+        assert logs["L_anchor"] != pytest.approx(F.mse_loss(out, b["eps"]).item(), rel=1e-2)
     # at theta = ref and c* = c^a the ablation term vanishes
     with ref.applied():
         same = {"unlearn": dict(b, c_target=b["c_anchor"])}
         assert baselines.Ca().loss(u, ref, same)[1]["L_ca"] < 1e-10
 
 
-def test_finetune_is_the_plain_diffusion_loss_of_the_concept_prompt():
-    u, ref, params, _, batch = _setup()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_finetune_is_the_plain_diffusion_loss_of_the_concept_prompt(prediction_type):
+    """|| out_theta(x_t, t, c*) - target ||^2, the target eps, or v for a v model."""
+    u, ref, params, _, batch = _setup(prediction_type=prediction_type)
     loss, logs = baselines.Finetune().loss(u, ref, batch)
     b = batch["unlearn"]
-    assert loss.item() == pytest.approx(F.mse_loss(u(b["x_t"], b["t"], b["c_target"]), b["eps"]).item(), rel=1e-6)
+    out = u(b["x_t"], b["t"], b["c_target"])
+    want = F.mse_loss(out, target_by_hand(b["x"], b["eps"], b["t"], prediction_type)).item()
+    assert loss.item() == pytest.approx(want, rel=1e-6) and logs["L_ft"] == pytest.approx(want, rel=1e-6)
+    if prediction_type == "v_prediction":
+        assert loss.item() != pytest.approx(F.mse_loss(out, b["eps"]).item(), rel=1e-2)
 
 
 def test_uce_maps_erased_embeddings_onto_their_anchors_and_keeps_the_preserved():

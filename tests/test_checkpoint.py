@@ -765,3 +765,31 @@ def test_sd2_official_layout_file(hf2, from_hf2, openai_tok, tmp_path):
     print(f"text (OpenCLIP layout): max abs diff {diff:.2e}")
     assert diff < 1e-5
     assert checkpoint.load(tmp_path / "v2-like.safetensors", prediction_type="epsilon").unet.cfg.prediction_type == "epsilon"
+
+
+def test_sd2_official_file_is_written_back_with_every_tensor(hf2, from_hf2, tmp_path, capsys):
+    """Issue 31: an official SD 2.x file holds tensors no module of ours uses (OpenCLIP's last resblock,
+    text_projection, logit_scale, the 12 schedule buffers). They are kept beside the model and written
+    back, so the file we write has the official key set and the same tensors (what the original SD 2
+    code loads), also from our own file a second time; the unused tower's layers stay out of the model."""
+    hf_text = hf_gelu_text(49408, 2, 30)
+    schedule = {k: v for k, v in official_extras().items() if k in checkpoint.SCHEDULE_BUFFERS}
+    parts = checkpoint.compvis_state_dict(from_hf2)
+    sd = {**{k: v for k, v in parts.items() if k.startswith((UNET, VAE_))}, **open_clip_layout(hf_text, 31), **schedule}
+    save_file(sd, tmp_path / "v2-like.safetensors")
+    model = checkpoint.load(tmp_path / "v2-like.safetensors")
+    open_clip = "cond_stage_model.model."
+    unused = {open_clip + "text_projection", open_clip + "logit_scale"} | {
+        k for k in sd if k.startswith(open_clip + "transformer.resblocks.2.")}
+    assert len(unused) == 2 + 12 and model.extras.keys() == unused | schedule.keys()
+    assert model.text_encoder.cfg.layers == 2
+    assert "does not say what its UNet predicts" in capsys.readouterr().err   # the 768-v guess is said
+    ours = load_file(checkpoint.save(model, tmp_path / "ours.safetensors"))
+    assert ours.keys() == sd.keys() and all(torch.equal(ours[k], sd[k]) for k in sd)
+    again = load_file(checkpoint.save(checkpoint.load(tmp_path / "ours.safetensors"), tmp_path / "again.safetensors"))
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    assert capsys.readouterr().err == ""                                    # our file says what it predicts
+    # a 512-base file told so: eps at 512 px
+    base = checkpoint.load(tmp_path / "v2-like.safetensors", prediction_type="epsilon")
+    assert base.unet.cfg.prediction_type == "epsilon" and base.image_size == 512
+    assert checkpoint.load(tmp_path / "v2-like.safetensors", prediction_type="auto").image_size == 768

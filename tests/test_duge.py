@@ -1,19 +1,25 @@
 """duge.py and trainer.py: trainable set, the frozen original without a copy, the losses' values, the plan,
 the memory bounds, the paper's terms and the robust variant's."""
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adversarial
+import baselines
 import duge
+import sample
 import trainer
 from sample import add_noise
 from tests.common import TINY_UNET as TINY
+from tests.common import target_by_hand
 from unet import UNet, UNetConfig
 
 
-def tiny_unet(seed=0):
+def tiny_unet(seed=0, prediction_type="epsilon"):
     torch.manual_seed(seed)
-    u = UNet(TINY)
+    u = UNet(dataclasses.replace(TINY, prediction_type=prediction_type))   # the same weights either way
     for p in u.parameters():  # CompVis zero-inits some convs; make every weight matter
         p.data.normal_(0, 0.1)
     return u.eval()
@@ -59,18 +65,18 @@ def make_data(n=2, seed=0, memory=True):
     return data if memory else {k: v for k, v in data.items() if k != "memory"}
 
 
-def noised(data, seed=1):
-    """A step's batch: as many rows as each group has, drawn with their noise, t and x_t."""
-    return trainer.draw_batch(data, len(data["unlearn"]["x"]), torch.Generator().manual_seed(seed))
+def noised(data, seed=1, prediction_type="epsilon"):
+    """A step's batch: as many rows as each group has, drawn with their noise, t, x_t and target."""
+    return trainer.draw_batch(data, len(data["unlearn"]["x"]), torch.Generator().manual_seed(seed), prediction_type)
 
 
 def method(**kw):
     return duge.Duge(duge.DugeConfig(**kw))
 
 
-def frozen_unet_with_phi0(move=0.0, seed=5):
+def frozen_unet_with_phi0(move=0.0, seed=5, prediction_type="epsilon"):
     """A tiny UNet whose keys and values train (moved by `move` from phi_0), phi_0 of its attn2."""
-    u = tiny_unet().requires_grad_(False)
+    u = tiny_unet(prediction_type=prediction_type).requires_grad_(False)
     named = dict(u.named_parameters())
     names = trainer.trainable_names(u, "kv")
     phi0 = trainer.Original(u, {n: named[n] for n in trainer.trainable_names(u, "attn2")})
@@ -127,6 +133,54 @@ def test_total_is_the_weighted_sum_and_every_target_is_frozen():
     with torch.no_grad(), duge.AttentionRecorder(u) as rt:
         e_t = u(a["x_t"], a["t"], a["c_anchor"])
     assert abs(duge.cross_attention_loss(ra.outputs, rt.outputs, e_a, e_t).item() - l_u) > 1e-3 * l_u
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_prior_preservation_targets_what_the_unet_predicts(prediction_type):
+    """Issue 31: L_pr is the diffusion loss against the UNet's own kind of output, the noise for an eps
+    model and v = sqrt(abar) eps - sqrt(1 - abar) x_0 for a v one (SD 2.x 768-v); L_U and R_pr compare
+    theta with phi_0, v with v, and keep their formulas. A v model's L_pr against eps is another number."""
+    u, named, names, phi0, _ = frozen_unet_with_phi0(move=0.05, prediction_type=prediction_type)
+    b = noised(make_data(n=3), prediction_type=prediction_type)
+    _, logs = method().loss(u, phi0, b)
+    a, r, m = b["unlearn"], b["prior"], b["memory"]
+    want = target_by_hand(r["x"], r["eps"], r["t"], prediction_type)
+    torch.testing.assert_close(r["target"], want, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        out = u(r["x_t"], r["t"], r["c"])
+        l_pr, against_eps = F.mse_loss(out, want).item(), F.mse_loss(out, r["eps"]).item()
+        r_pr = F.mse_loss(u(m["x_t"], m["t"], m["c"]), phi0(m["x_t"], m["t"], m["c"])).item()
+        with duge.AttentionRecorder(u) as ra:
+            e_a = u(a["x_t"], a["t"], a["c_target"])
+        with duge.AttentionRecorder(u) as rb:
+            p_a = phi0(a["x_t"], a["t"], a["c_anchor"])
+        l_u = duge.cross_attention_loss(ra.outputs, rb.outputs, e_a, p_a).item()
+    assert logs["L_pr"] == pytest.approx(l_pr, rel=1e-4)
+    assert logs["R_pr"] == pytest.approx(r_pr, rel=1e-4) and logs["L_U"] == pytest.approx(l_u, rel=1e-4)
+    if prediction_type == "v_prediction":   # 100x the tolerance above (here 1.076 against v, 1.044 against eps)
+        assert abs(l_pr - against_eps) > 1e-2 * l_pr, (l_pr, against_eps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loop_hands_every_method_the_target_of_its_unet(prediction_type):
+    """trainer.unlearn draws each step's batch with the target of the UNet's cfg.prediction_type, so a
+    method's loss on b["target"] trains a v model on v."""
+    u = tiny_unet(prediction_type=prediction_type)
+    named = dict(u.named_parameters())
+    ref = trainer.Original(u, {n: named[n] for n in trainer.trainable_names(u)})
+    seen = []
+
+    class Recording(baselines.Finetune):
+        def loss(self, unet, ref, batch):
+            seen.append({k: v.detach().clone() for k, v in batch["unlearn"].items()})
+            return super().loss(unet, ref, batch)
+    trainer.unlearn(u, Recording(), ref, {"unlearn": make_data()["unlearn"]}, trainer.TrainConfig(steps=2, batch=2),
+                    progress=False)
+    assert len(seen) == 2
+    for b in seen:
+        want = target_by_hand(b["x"], b["eps"], b["t"], prediction_type)
+        torch.testing.assert_close(b["target"], want, atol=1e-6, rtol=0)
+        assert prediction_type == "epsilon" or (want - b["eps"]).abs().mean() > 0.05
 
 
 def test_kv_preservation_term_is_its_formula_and_only_its_kept_tokens_are_held():
@@ -419,6 +473,29 @@ def test_adversary_learns_a_context_for_the_concept_and_leaves_theta_alone():
     again = adversarial.ContextAdversary(x, start, steps=3, batch=4)
     again.load({"adversary.context": first})                      # a resume point after step 0
     assert torch.equal(again(u, 1), second)
+
+
+def test_a_v_models_adversary_attacks_on_v():
+    """The attacker of a v model learns its context against v, not eps: one inner step (after warm-up) is
+    one Adam step on || v - v_theta(x_t, t, c) ||^2 over ContextAdversary's own draw of rows, eps and t."""
+    u = tiny_unet(prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(1)
+    x, start = torch.randn(6, 4, 8, 8, generator=g), torch.randn(1, 5, 16, generator=g)
+    adv = adversarial.ContextAdversary(x, start, steps=1, batch=4, seed=2)
+    adv.load({"adversary.context": start})        # as from a resume point: warmed up, one step per call
+    got = adv(u, 7)
+
+    def one_step(prediction_type):
+        draw = torch.Generator().manual_seed(2 * 100_003 + 7 + 50_000)   # the step's generator, as the adversary's
+        idx, x_t, eps, t = sample.noised_rows(x, 4, draw, "epsilon")
+        ctx = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([ctx], lr=adversarial.LR)
+        loss = F.mse_loss(u(x_t, t, ctx.expand(4, -1, -1)), target_by_hand(x[idx], eps, t, prediction_type))
+        ctx.grad, = torch.autograd.grad(loss, [ctx])
+        opt.step()
+        return ctx.detach()
+    torch.testing.assert_close(got, one_step("v_prediction"), atol=1e-6, rtol=0)
+    assert (got - one_step("epsilon")).abs().max() > adversarial.LR    # Adam's first step: +-LR, signs differ
 
 
 def robust_batch(n=2):

@@ -58,6 +58,25 @@ def test_learning_lowers_the_diffusion_loss_and_leaves_the_model_alone(tiny):
     assert all(torch.equal(before[n], p) for n, p in tiny.unet.named_parameters())
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_loss_targets_what_the_unet_predicts(tmp_path, prediction_type):
+    """Textual inversion, the learned context and relearning train on probe.diffusion_loss: for a v
+    model (the same file read as v) its target is v = sqrt(abar) eps - sqrt(1 - abar) x_0, not eps."""
+    import torch.nn.functional as F
+    from tests.common import target_by_hand
+    model = checkpoint.load(tiny_sd(tmp_path / "m.safetensors"), prediction_type=prediction_type)
+    x0, ctx = torch.randn(4, 4, 4, 4), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        got = probe.diffusion_loss(model, x0, lambda idx: ctx.expand(len(idx), -1, -1), 3, 4, 0).item()
+        idx, x_t, eps, t = sample.noised_rows(x0, 4, torch.Generator().manual_seed(3), "epsilon")   # the same draw
+        out = model.unet(x_t, t, ctx.expand(4, -1, -1))
+        want = F.mse_loss(out, target_by_hand(x0[idx], eps, t, prediction_type)).item()
+        against_eps = F.mse_loss(out, eps).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    if prediction_type == "v_prediction":
+        assert got != pytest.approx(against_eps, rel=1e-2), (got, against_eps)
+
+
 @pytest.mark.parametrize("name", probe.PROBES)
 def test_every_probe_draws_its_images_and_puts_the_model_back(tiny, name):
     world = concepts.SDConcepts()

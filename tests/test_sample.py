@@ -64,6 +64,28 @@ def test_v_target_matches_diffusers():
         sample.eps_from_output(v, x_t, t, "sample")
 
 
+def test_training_target_is_what_the_unet_predicts():
+    """The target of every loss on the noise: the noise for an eps model, v for a v one; noised_rows
+    hands out the same, consistent with its own x_t (x0 = sqrt(abar) x_t - sqrt(1 - abar) v)."""
+    from tests.common import target_by_hand
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 500, 999])
+    assert sample.training_target(x0, noise, t, "epsilon") is noise
+    v = sample.training_target(x0, noise, t, "v_prediction")
+    torch.testing.assert_close(v, target_by_hand(x0, noise, t, "v_prediction"), atol=1e-6, rtol=0)
+    assert (v - noise).abs().mean() > 0.3   # at t = 999 v is mostly -x0, at t = 0 mostly eps
+    with pytest.raises(ValueError, match="unknown prediction_type 'sample'"):
+        sample.training_target(x0, noise, t, "sample")
+    for prediction_type in sample.PREDICTION_TYPES:
+        idx, x_t, target, t2 = sample.noised_rows(x0, 6, torch.Generator().manual_seed(3), prediction_type)
+        noise2 = sample.eps_from_output(target, x_t, t2, prediction_type)   # the noise that made x_t
+        torch.testing.assert_close(x_t, sample.add_noise(x0[idx], noise2, t2), atol=1e-5, rtol=0)
+        if prediction_type == "v_prediction":
+            abar = sample.alphas_cumprod[t2].view(-1, 1, 1, 1)
+            torch.testing.assert_close(abar.sqrt() * x_t - (1 - abar).sqrt() * target, x0[idx], atol=1e-5, rtol=0)
+
+
 def tiny_diffusers_unet():
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)

@@ -205,6 +205,100 @@ def test_real_sd_path_full_size(tmp_path):
     assert sd[ours].dtype == torch.float16
 
 
+def sd2_official_file(path, unet_cfg, text_cfg, vae_cfg, dtype=torch.float32, randomize=False):
+    """A SD 2.x model with random weights in the layout of Stability AI's single files, no metadata of ours:
+    the OpenCLIP text tower with one resblock more than SD uses (its 24th), text_projection and logit_scale,
+    and the 12 schedule buffers. -> the file's tensors."""
+    from safetensors.torch import save_file
+    from clip_text import to_open_clip
+    open_clip, sd = "cond_stage_model.model.", {}
+    torch.manual_seed(0)
+    for prefix, module in (("model.diffusion_model.", UNet(unet_cfg)), ("first_stage_model.", VAE(vae_cfg))):
+        if randomize:   # CompVis zero-inits some convs; a tiny UNet trains faster when every weight matters
+            for q in module.parameters():
+                q.data.normal_(0, 0.05)
+        sd |= {prefix + k: v.to(dtype) for k, v in module.state_dict().items()}
+        del module
+    text = to_open_clip(TextEncoder(text_cfg).state_dict())
+    n, w = text_cfg.layers, text_cfg.width
+    text |= {k.replace("resblocks.0.", f"resblocks.{n}."): torch.randn_like(v) for k, v in text.items()
+             if k.startswith("transformer.resblocks.0.")}
+    text |= {"text_projection": torch.randn(w, w) / w ** 0.5, "logit_scale": torch.tensor(4.6052)}
+    sd |= {open_clip + k: v.to(dtype) for k, v in text.items()}
+    sd |= {k: torch.linspace(0, 1, 1000, dtype=dtype) for k in checkpoint.SCHEDULE_BUFFERS - {"logvar"}}
+    save_file(sd, path)
+    return sd
+
+
+def trained_and_kept(src_sd, out):
+    """The output file's tensors that differ from the input's; its key set and dtypes must be the input's."""
+    from safetensors.torch import load_file
+    sd = load_file(str(out))
+    assert sd.keys() == src_sd.keys(), sorted(sd.keys() ^ src_sd.keys())[:3]
+    assert all(sd[k].dtype == src_sd[k].dtype for k in sd)
+    return {k for k in sd if not torch.equal(sd[k], src_sd[k])}, sd
+
+
+def test_tiny_sd2_v_prediction_file_trains_on_v_and_writes_back_the_official_tensors(tmp_path, capsys):
+    """Issue 31: an official-layout SD 2.x file (tiny, v-prediction: what the file is guessed to be, said in
+    one line) through train.py: it trains, the output says v-prediction and SD 2.x, the keys and values
+    moved, and every other tensor of the input, OpenCLIP's unused ones and the schedule included, is
+    written back unchanged."""
+    import train
+    from unet import SD_V2
+    ucfg = dataclasses.replace(SD_V2, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
+                               attention_levels=(0, 1), context_dim=64, prediction_type="v_prediction")
+    src = tmp_path / "v2-tiny.safetensors"
+    src_sd = sd2_official_file(src, ucfg, TextConfig(width=64, layers=1, heads=1, hidden_act="gelu"),
+                               VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), randomize=True)
+    out = tmp_path / "out.safetensors"
+    assert train.main(["--forget", "apple", "--weights", str(src), "--out", str(out), "--size", "16", *FAST,
+                       "--cache", str(tmp_path / "cache"), "--no-grid"]) == 0
+    assert "does not say what its UNet predicts: read as SD 2.x 768-v" in capsys.readouterr().err
+    model = checkpoint.load(out)
+    assert model.unet.cfg == ucfg and model.open_clip and model.image_size == 768 and model.tokenizer.pad_id == 0
+    changed, _ = trained_and_kept(src_sd, out)
+    assert len(changed) == 2 * 7 and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), changed
+    # the same file read as epsilon trains otherwise (L_pr and the images phi_0 draws follow the prediction type)
+    eps_out = tmp_path / "eps.safetensors"
+    assert train.main(["--forget", "apple", "--weights", str(src), "--out", str(eps_out), "--size", "16", *FAST,
+                       "--cache", str(tmp_path / "cache"), "--no-grid", "--prediction-type", "epsilon"]) == 0
+    eps_model = checkpoint.load(eps_out)
+    assert eps_model.unet.cfg.prediction_type == "epsilon" and eps_model.image_size == 512
+    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert not torch.equal(dict(model.unet.named_parameters())[name], dict(eps_model.unet.named_parameters())[name])
+    assert len(list((tmp_path / "cache").iterdir())) == 2   # phi_0's images, cached apart: v draws other ones
+
+
+@pytest.mark.slow
+def test_real_sd2_base_path_full_size(tmp_path):
+    """Issue 31: a full-size SD 2.1-base file (random weights, the official layout of v2-1_512-ema-pruned,
+    fp16) through `train.py --forget apple --prediction-type epsilon` at 64 px: the output loads back as SD
+    2.x (1024-wide context, heads of 64 channels, linear projections, eps at 512 px), the 32 trained key
+    and value tensors moved, and every other tensor of the input is written back as it was."""
+    from unet import SD_V2
+    from clip_text import SD_V2_TEXT
+    src = tmp_path / "v2-1_512-like.safetensors"
+    src_sd = sd2_official_file(src, SD_V2, SD_V2_TEXT, VAEConfig(), dtype=torch.float16)
+    open_clip = "cond_stage_model.model."
+    counts = [sum(k.startswith(p) for k in src_sd) for p in ("model.diffusion_model.", "first_stage_model.", open_clip)]
+    assert counts == [686, 248, 24 * 12 + 6] and src_sd[open_clip + "transformer.resblocks.23.attn.in_proj_weight"
+                                                        ].shape == (3072, 1024)
+    out = tmp_path / "out.safetensors"
+    r = run("--forget", "apple", "--weights", str(src), "--prediction-type", "epsilon", "--out", str(out),
+            "--size", "64", *FAST, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "does not say what its UNet predicts" not in r.stderr
+    model = checkpoint.load(out)
+    assert model.unet.cfg == SD_V2 and model.text_encoder.cfg == SD_V2_TEXT and model.open_clip
+    assert model.image_size == 512 and model.unet.cfg.prediction_type == "epsilon"
+    del model
+    changed, sd = trained_and_kept(src_sd, out)
+    ours = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert sd[ours].shape == (320, 1024) and sd[ours].dtype == torch.float16
+    assert len(changed) == 32 and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed), sorted(changed)[:3]
+
+
 # -----------------------------------------------------------------------------------------------
 # Interruptions, bad numbers, existing outputs, dtype and modes, help (the reliability issue)
 
