@@ -118,8 +118,8 @@ def one_line_error(fn, *args, match=None, **kwargs):
 def hf(tmp_path_factory):
     """StableDiffusionPipeline(...).save_pretrained of tiny random diffusers/transformers models,
     with a CLIPTokenizer built from our Tokenizer's vocabulary (300 merges, 814 tokens)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     tok = Tokenizer(Tokenizer.from_openai_gz().merges[:300])
     tmp = tmp_path_factory.mktemp("hf")
     tok.save_folder(tmp / "our_tokenizer")
@@ -137,13 +137,22 @@ def hf(tmp_path_factory):
         pad_token_id=tok.eot_id))
     for i, m in enumerate((unet, vae, text)):
         randomize_(m, 10 + i)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, steps_offset=1, clip_sample=False, timestep_spacing="leading")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "our_tokenizer"),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "sd")
-    return types.SimpleNamespace(folder=tmp / "sd", pipe=pipe, unet=unet, vae=vae, text=text, tok=tok)
+    return saved_pipeline(tmp / "sd", tok, unet, vae, text)
+
+
+def saved_pipeline(folder, tok, unet, vae, text, **scheduler):
+    """StableDiffusionPipeline(...).save_pretrained(folder) with CompVis's DDIM settings (plus `scheduler`),
+    the tokenizer read from folder.parent / "our_tokenizer"."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                         steps_offset=1, clip_sample=False, timestep_spacing="leading", **scheduler)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, unet=unet, scheduler=ddim, safety_checker=None,
+                                   tokenizer=CLIPTokenizer.from_pretrained(folder.parent / "our_tokenizer"),
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return types.SimpleNamespace(folder=folder, pipe=pipe, unet=unet, vae=vae, text=text, tok=tok)
 
 
 @pytest.fixture(scope="module")
@@ -620,8 +629,7 @@ def hf_gelu_text(vocab_size, layers, seed):
 def hf2(tmp_path_factory):
     """A tiny SD 2.x-like StableDiffusionPipeline saved by diffusers: UNet with attention_head_dim [1, 2] and
     linear projections, GELU CLIPTextModel, tokenizer padding with '!', v_prediction DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     tok = Tokenizer(Tokenizer.from_openai_gz().merges[:300], pad="!")
     tmp = tmp_path_factory.mktemp("hf2")
     tok.save_folder(tmp / "our_tokenizer")
@@ -634,14 +642,7 @@ def hf2(tmp_path_factory):
                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32,
                                    sample_size=16), 21)
     text = hf_gelu_text(tok.vocab_size, 2, 22)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                              steps_offset=1, clip_sample=False, timestep_spacing="leading", prediction_type="v_prediction")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp / "our_tokenizer"),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(tmp / "sd2")
-    return types.SimpleNamespace(folder=tmp / "sd2", pipe=pipe, unet=unet, vae=vae, text=text, tok=tok)
+    return saved_pipeline(tmp / "sd2", tok, unet, vae, text, prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="module")
